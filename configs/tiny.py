@@ -1,0 +1,65 @@
+"""Tiny DeepSeek-shaped MoE: trains on a laptop CPU in minutes (the default experiment).
+
+One dense layer, then MoE layers of fine-grained routed experts plus one shared expert,
+byte-level tokens from the built-in corpus (the Python standard library's sources).
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    cfg = ml_collections.ConfigDict()
+
+    cfg.model = model = ml_collections.ConfigDict()
+    model.vocab_size = 384  # byte tokenizer (259 ids), padded to a multiple of 128
+    model.embed_dim = 256  # D
+    model.num_layers = 4  # 1 dense + 3 MoE
+    model.num_dense_layers = 1  # DeepSeek first_k_dense_replace
+    model.num_heads = 4
+    model.num_kv_heads = 2  # grouped-query attention
+    model.head_dim = 64
+    model.mlp_hidden = 768  # dense FFN width
+    model.max_seq_len = 1024
+    model.norm_eps = 1e-6
+    model.tie_embeddings = False
+    model.init_std = 0.02
+    model.dtype = "float32"  # compute dtype (bf16 brings nothing on CPU)
+    model.param_dtype = "float32"
+    model.scan_layers = True
+    model.remat_policy = "none"
+    model.attention_impl = "xla"
+
+    model.rope = rope = ml_collections.ConfigDict()
+    rope.theta = 10000.0
+    rope.fraction = 1.0
+    rope.style = "half"
+    rope.yarn_factor = 1.0
+    rope.yarn_original_max_len = 4096
+    rope.yarn_beta_fast = 32.0
+    rope.yarn_beta_slow = 1.0
+    rope.yarn_mscale = 1.0
+    rope.yarn_mscale_all_dim = 0.0
+
+    model.moe = moe = ml_collections.ConfigDict()
+    moe.num_experts = 8  # E fine-grained routed experts
+    moe.top_k = 2  # T
+    moe.expert_hidden = 192  # F
+    moe.num_shared_experts = 1
+    moe.score_fn = "sigmoid"  # DeepSeek-V3 scoring
+    moe.renormalize = True
+    moe.routed_scaling_factor = 1.0
+    moe.num_groups = 1  # group-limited routing off
+    moe.top_groups = 1
+    moe.capacity_factor = 1.5
+    moe.dispatch = "index"
+    moe.group_size = 512
+    moe.balance_loss_coef = 1e-4  # small sequence-wise loss beside the bias balancing
+    moe.z_loss_coef = 1e-4
+    moe.bias_update_rate = 1e-3
+
+    cfg.mesh = mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # every device replicates (one CPU device by default)
+    mesh.fsdp = 1
+    mesh.expert = 1
+    mesh.tensor = 1
+    return cfg

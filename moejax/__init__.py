@@ -1,0 +1,20 @@
+"""moejax: train DeepSeek-class Mixture-of-Experts language models in JAX.
+
+Notebook API::
+
+    cfg = moejax.load_config("configs/tiny.py", overrides=["model.moe.num_experts=16"])
+    model = moejax.Transformer(moejax.model_config(cfg.model))
+    mesh = moejax.make_mesh(cfg)
+    variables = moejax.init_variables(model, cfg, mesh, jax.random.key(0))
+    with moejax.use_mesh(mesh, cfg):
+        logits, aux = jax.jit(model.apply)(variables, tokens)
+"""
+from moejax.config import (Config, MeshConfig, ModelConfig, MoEConfig, load_config,
+                           model_config, resolve)
+from moejax.model.router import update_balance_bias
+from moejax.model.transformer import Transformer
+from moejax.sharding import init_variables, make_mesh, use_mesh
+
+__all__ = ["Config", "MeshConfig", "ModelConfig", "MoEConfig", "Transformer",
+           "init_variables", "load_config", "make_mesh", "model_config", "resolve",
+           "update_balance_bias", "use_mesh"]

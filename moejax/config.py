@@ -1,0 +1,394 @@
+"""Typed, validated configuration.
+
+Experiments are `configs/*.py` files whose `get_config(arg=None)` returns an
+`ml_collections.ConfigDict`. `from_config_dict` turns it once into frozen dataclasses and
+validates it, so a bad value fails here, with the field, the value and the fix, before
+anything is traced. Every field is declared below with its meaning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+import typing
+from typing import Any, Sequence
+
+import ml_collections
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DISPATCHES = ("dense", "einsum", "index")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe")
+ROPE_STYLES = ("half", "interleaved")
+DTYPES = ("float32", "bfloat16", "float16")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0  # base of the rotary frequencies
+    fraction: float = 1.0  # share of each head's dims that rotate (partial rotary)
+    style: str = "half"  # "half" (rotate halves, Llama/NeoX) or "interleaved" (pairs 2i, 2i+1)
+    yarn_factor: float = 1.0  # YaRN context-extension factor; 1.0 disables YaRN
+    yarn_original_max_len: int = 4096  # context length the base model was trained at
+    yarn_beta_fast: float = 32.0  # YaRN ramp: rotations above which dims are not interpolated
+    yarn_beta_slow: float = 1.0  # YaRN ramp: rotations below which dims are fully interpolated
+    yarn_mscale: float = 1.0  # YaRN magnitude coefficient (numerator of the cos/sin factor)
+    yarn_mscale_all_dim: float = 0.0  # YaRN magnitude coefficient (denominator); 0 = unused
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 8  # E: routed experts per MoE layer
+    top_k: int = 2  # T: routed experts per token
+    expert_hidden: int = 128  # F: hidden width of each routed SwiGLU expert
+    num_shared_experts: int = 1  # shared experts applied to every token (one SwiGLU of width n*F)
+    score_fn: str = "softmax"  # router scoring: "softmax" or "sigmoid"
+    renormalize: bool = True  # renormalise the top-k weights to sum to 1
+    routed_scaling_factor: float = 1.0  # multiplies the routed output (DeepSeek-V3: 2.5)
+    num_groups: int = 1  # expert groups for group-limited routing (1 = off)
+    top_groups: int = 1  # groups kept per token in group-limited routing
+    capacity_factor: float = 1.25  # C = ceil(cf * tokens_per_group * T / E); <= 0 = no drops
+    dispatch: str = "index"  # "index" (gather/scatter), "einsum" (GShard one-hot), "dense" (oracle)
+    group_size: int = 512  # tokens per dispatch group (capacity is per group)
+    balance_loss_coef: float = 0.0  # sequence-wise balance loss coefficient (0 disables)
+    z_loss_coef: float = 0.0  # router z-loss coefficient (0 disables)
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias += rate * sign(mean - load)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 512  # V
+    embed_dim: int = 256  # D
+    num_layers: int = 4  # decoder layers in total (dense + MoE)
+    num_dense_layers: int = 1  # first layers with a dense FFN (DeepSeek first_k_dense_replace)
+    num_heads: int = 4  # H: query heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention); divides num_heads
+    head_dim: int = 64  # K: per-head dim
+    mlp_hidden: int = 512  # hidden width of the dense SwiGLU FFN
+    max_seq_len: int = 2048  # longest sequence the rotary tables cover
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the embedding matrix with the LM head
+    init_std: float = 0.02  # std of the normal initialiser of every matrix
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights)
+    scan_layers: bool = True  # stack layers with nn.scan (one stack dense, one MoE)
+    remat_policy: str = "none"  # activation checkpointing: none|full|dots|dots_no_batch|save_moe
+    attention_impl: str = "xla"  # "xla" (jax.nn.dot_product_attention), "cudnn", "reference"
+    rope: RopeConfig = RopeConfig()
+    moe: MoEConfig = MoEConfig()
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # replicas of the parameters; -1 = every device not used by the others
+    fsdp: int = 1  # parameters sharded, gathered per layer
+    expert: int = 1  # experts split; the batch is split over it too outside the MoE
+    tensor: int = 1  # heads / hidden dims split
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "builtin"  # "builtin" (Python stdlib sources), "text", "jsonl", "arrayrecord"
+    path: str = ""  # glob of input files for text / jsonl / arrayrecord
+    text_field: str = "text"  # JSON Lines field that holds the document
+    tokenizer: str = "byte"  # "byte" or the path of a HuggingFace tokenizer.json
+    validation_fraction: float = 0.05  # share of documents held out (by hash of their name)
+    shuffle_seed: int = 0  # seed of the global shuffle
+    num_workers: int = 0  # grain worker processes (0 = in the main process)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # global batch (rows of seq_len tokens)
+    seq_len: int = 256  # tokens per row
+    micro_batches: int = 1  # gradient accumulation: batch_size is split into this many
+    seed: int = 0  # parameter init and per-step RNG (fold_in(seed, step))
+    log_every: int = 10  # steps between metric writes
+    save_every: int = 200  # steps between checkpoints (a final one is always written)
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    eval_every: int = 0  # steps between validation passes during training (0 = only at end)
+    eval_batches: int = 8  # validation batches per evaluation
+    peak_flops_per_device: float = 0.0  # for MFU; 0 = look the device up in a table
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adamw"  # "adamw" (later: "muon")
+    learning_rate: float = 3e-3  # peak learning rate
+    warmup_steps: int = 50  # linear warmup from 0 to the peak
+    decay: str = "cosine"  # "cosine" to end_lr_fraction * peak at the last step, or "constant"
+    end_lr_fraction: float = 0.1  # final learning rate as a fraction of the peak
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled (AdamW) weight decay
+    decay_embeddings: bool = False  # apply weight decay to embeddings / LM head
+    grad_clip_norm: float = 1.0  # global-norm clipping (0 disables)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Converts one ConfigDict value to the declared field type, or raises ValueError."""
+    if _is_dataclass_type(tp):
+        return dataclass_from_dict(tp, value, path)
+    origin = typing.get_origin(tp)
+    if origin in (tuple, Sequence) or tp is tuple:
+        return tuple(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}={value!r}: expected true/false.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not float(value).is_integer():
+            raise ValueError(f"{path}={value!r}: expected an integer.")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{path}={value!r}: expected a number.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path}={value!r}: expected a string.")
+        return value
+    return value
+
+
+def dataclass_from_dict(cls: type, values: Any, path: str) -> Any:
+    """Builds dataclass `cls` from a mapping; unknown keys raise a ValueError naming them."""
+    if dataclasses.is_dataclass(values):
+        return values
+    if isinstance(values, ml_collections.ConfigDict):
+        values = values.to_dict()
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a section (dict), got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown field(s) {unknown}; known fields are {sorted(names)}.")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _check(ok: bool, field: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r} is invalid: {fix}")
+
+
+def _choice(field: str, value: str, choices: Sequence[str]) -> None:
+    _check(value in choices, field, value, f"use one of {list(choices)}.")
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Checks every model field; raises ValueError naming the field, value and fix."""
+    for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_hidden", "max_seq_len"):
+        _check(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "must be > 0.")
+    _check(0 <= m.num_dense_layers <= m.num_layers, "model.num_dense_layers",
+           m.num_dense_layers, f"must be between 0 and model.num_layers={m.num_layers}.")
+    _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+           f"must divide model.num_heads={m.num_heads}.")
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.param_dtype", m.param_dtype, DTYPES)
+    _choice("model.remat_policy", m.remat_policy, REMAT_POLICIES)
+    _choice("model.attention_impl", m.attention_impl, ("xla", "cudnn", "reference"))
+    _choice("model.rope.style", m.rope.style, ROPE_STYLES)
+    _check(0.0 < m.rope.fraction <= 1.0, "model.rope.fraction", m.rope.fraction,
+           "must be in (0, 1].")
+    rot = int(m.head_dim * m.rope.fraction)
+    _check(rot % 2 == 0 and rot > 0, "model.rope.fraction", m.rope.fraction,
+           f"head_dim*fraction={m.head_dim * m.rope.fraction} must be a positive even integer.")
+    _check(m.rope.yarn_factor >= 1.0, "model.rope.yarn_factor", m.rope.yarn_factor,
+           "must be >= 1 (1 disables YaRN).")
+    validate_moe(m.moe)
+
+
+def validate_moe(e: MoEConfig) -> None:
+    _check(e.num_experts > 0, "model.moe.num_experts", e.num_experts, "must be > 0.")
+    _check(0 < e.top_k <= e.num_experts, "model.moe.top_k", e.top_k,
+           f"must be between 1 and model.moe.num_experts={e.num_experts}.")
+    _check(e.expert_hidden > 0, "model.moe.expert_hidden", e.expert_hidden, "must be > 0.")
+    _check(e.num_shared_experts >= 0, "model.moe.num_shared_experts", e.num_shared_experts,
+           "must be >= 0.")
+    _choice("model.moe.score_fn", e.score_fn, SCORE_FUNCTIONS)
+    _choice("model.moe.dispatch", e.dispatch, DISPATCHES)
+    _check(e.group_size > 0, "model.moe.group_size", e.group_size, "must be > 0.")
+    _check(e.num_groups > 0 and e.num_experts % e.num_groups == 0, "model.moe.num_groups",
+           e.num_groups, f"must divide model.moe.num_experts={e.num_experts}.")
+    _check(0 < e.top_groups <= e.num_groups, "model.moe.top_groups", e.top_groups,
+           f"must be between 1 and model.moe.num_groups={e.num_groups}.")
+    per_group = e.num_experts // e.num_groups
+    _check(e.top_groups * per_group >= e.top_k, "model.moe.top_groups", e.top_groups,
+           f"the kept groups hold {e.top_groups * per_group} experts < top_k={e.top_k}.")
+    for name in ("balance_loss_coef", "z_loss_coef", "bias_update_rate"):
+        _check(getattr(e, name) >= 0, f"model.moe.{name}", getattr(e, name), "must be >= 0.")
+
+
+def validate_mesh(mesh: MeshConfig, model: ModelConfig | None = None) -> None:
+    """Checks axis sizes and that the model's sharded dims divide by them."""
+    sizes = {a: getattr(mesh, a) for a in MESH_AXES}
+    for axis, size in sizes.items():
+        _check(size == -1 or size >= 1, f"mesh.{axis}", size, "use a positive size or -1.")
+    _check(list(sizes.values()).count(-1) <= 1, "mesh", sizes,
+           "at most one axis may be -1 (it takes the remaining devices).")
+    if model is None:
+        return
+    if mesh.expert > 1:
+        _check(model.moe.num_experts % mesh.expert == 0, "model.moe.num_experts",
+               model.moe.num_experts, f"must be divisible by mesh.expert={mesh.expert}; "
+               "change the expert count or the expert axis size.")
+    if mesh.tensor > 1:
+        _check(model.num_kv_heads % mesh.tensor == 0, "model.num_kv_heads",
+               model.num_kv_heads, f"must be divisible by mesh.tensor={mesh.tensor}.")
+
+
+def model_config(section: Any) -> ModelConfig:
+    """Builds and validates the model section."""
+    model = dataclass_from_dict(ModelConfig, section, "model")
+    validate_model(model)
+    return model
+
+
+def mesh_config(section: Any, model: ModelConfig | None = None) -> MeshConfig:
+    """Builds and validates the mesh section (against the model when given)."""
+    mesh = dataclass_from_dict(MeshConfig, section, "mesh")
+    validate_mesh(mesh, model)
+    return mesh
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r}: expected 'a.b.c=value'.")
+    key, raw = text.split("=", 1)
+    import ast
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = {"true": True, "false": False}.get(raw.lower(), raw)
+    return key.strip(), value
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies 'a.b.c=value' overrides in place; unknown fields raise ValueError."""
+    for text in overrides:
+        key, value = _parse_override(text)
+        *parents, leaf = key.split(".")
+        node = cfg
+        for i, part in enumerate(parents):
+            if part not in node:
+                raise ValueError(f"override {text!r}: no field {'.'.join(parents[:i + 1])}.")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"override {text!r}: no field {key}; known fields of "
+                             f"{'.'.join(parents) or 'the config'}: {sorted(node.keys())}.")
+        current = node[leaf]
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        node[leaf] = value
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Imports `path` and calls its get_config(arg). 'file.py:arg' also selects arg."""
+    if arg is None and ":" in path and not pathlib.Path(path).exists():
+        path, arg = path.rsplit(":", 1)
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"_moejax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Notebook-friendly loading (no absl): config file + 'a.b=value' overrides, validated."""
+    cfg = load_config_file(path)
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def validate_data(d: DataConfig) -> None:
+    _choice("data.source", d.source, ("builtin", "text", "jsonl", "arrayrecord"))
+    _check(d.source == "builtin" or bool(d.path), "data.path", d.path,
+           f"data.source={d.source!r} needs a glob of input files in data.path.")
+    _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction",
+           d.validation_fraction, "must be in [0, 1).")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0.")
+
+
+def validate_train(t: TrainConfig, model: ModelConfig) -> None:
+    for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every",
+                 "save_every", "keep_checkpoints", "eval_batches"):
+        _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "must be > 0.")
+    _check(t.batch_size % t.micro_batches == 0, "train.micro_batches", t.micro_batches,
+           f"must divide train.batch_size={t.batch_size}.")
+    _check(t.seq_len <= model.max_seq_len, "train.seq_len", t.seq_len,
+           f"must be <= model.max_seq_len={model.max_seq_len}.")
+    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0.")
+
+
+def validate_optimizer(o: OptimizerConfig) -> None:
+    _choice("optimizer.name", o.name, ("adamw",))
+    _choice("optimizer.decay", o.decay, ("cosine", "constant"))
+    _check(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "must be > 0.")
+    _check(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0.")
+    _check(o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", o.grad_clip_norm,
+           "must be >= 0 (0 disables clipping).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole resolved experiment; sections absent from the ConfigDict take defaults."""
+    model: ModelConfig
+    mesh: MeshConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+
+def resolve(cfg: ml_collections.ConfigDict) -> Config:
+    """Turns a ConfigDict into the frozen, validated `Config` (raises ValueError)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(cfg.keys()) - known)
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; known: {sorted(known)}.")
+    if "model" not in cfg:
+        raise ValueError("config has no 'model' section; every config needs one.")
+    model = model_config(cfg.model)
+    mesh = mesh_config(cfg.get("mesh", {}), model)
+    data = dataclass_from_dict(DataConfig, cfg.get("data", {}), "data")
+    train = dataclass_from_dict(TrainConfig, cfg.get("train", {}), "train")
+    optimizer = dataclass_from_dict(OptimizerConfig, cfg.get("optimizer", {}), "optimizer")
+    validate_data(data)
+    validate_train(train, model)
+    validate_optimizer(optimizer)
+    return Config(model=model, mesh=mesh, data=data, train=train, optimizer=optimizer)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field and the fix if any section is invalid."""
+    resolve(cfg)
+
+
+def active_params_per_token(m: ModelConfig) -> dict[str, int]:
+    """Matrix parameters a token passes through per layer kind (for FLOP estimates)."""
+    attn = m.embed_dim * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+    dense = 3 * m.embed_dim * m.mlp_hidden
+    moe = 3 * m.embed_dim * m.moe.expert_hidden * (m.moe.top_k + m.moe.num_shared_experts)
+    router = m.embed_dim * m.moe.num_experts
+    return {"attention": attn, "dense_ffn": dense, "moe_ffn": moe + router,
+            "head": m.embed_dim * m.vocab_size}
+
+
+__all__ = ["Config", "resolve", "ModelConfig", "MoEConfig", "RopeConfig", "MeshConfig", "load_config",
+           "model_config", "mesh_config", "validate", "apply_overrides"]

@@ -1,0 +1,94 @@
+"""Basic layers: RMSNorm, token embedding, LM head and the dense SwiGLU FFN."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.sharding import constrain
+
+DType = Any
+
+
+def normal_init(std: float, names: tuple[str, ...]) -> Any:
+    """Normal(0, std) initialiser carrying logical axis names (one per dimension)."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in fp32, returned in `dtype`."""
+    eps: float = 1e-6
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table [V, D]; `attend` reuses it as a tied LM head."""
+    vocab_size: int
+    embed_dim: int
+    init_std: float = 0.02
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    def setup(self) -> None:
+        self.embedding = self.param("embedding", normal_init(self.init_std, ("vocab", "embed")),
+                                    (self.vocab_size, self.embed_dim), self.param_dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("BLD,VD->BLV", x, self.embedding.astype(self.dtype))
+
+
+class LMHead(nn.Module):
+    """Untied output projection D -> V."""
+    vocab_size: int
+    init_std: float = 0.02
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.param("kernel", normal_init(self.init_std, ("embed", "vocab")),
+                       (x.shape[-1], self.vocab_size), self.param_dtype)
+        logits = jnp.einsum("BLD,DV->BLV", x, w.astype(self.dtype))
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """down(silu(x @ gate) * (x @ up)) for x [..., D] and weights [D, F], [D, F], [F, D]."""
+    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
+    return h @ w_down
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward D -> F -> D (also the shared experts of a MoE layer)."""
+    hidden: int
+    init_std: float = 0.02
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        init_in = normal_init(self.init_std, ("embed", "mlp"))
+        w_gate = self.param("gate", init_in, (d, self.hidden), self.param_dtype)
+        w_up = self.param("up", init_in, (d, self.hidden), self.param_dtype)
+        w_down = self.param("down", normal_init(self.init_std, ("mlp", "embed")),
+                            (self.hidden, d), self.param_dtype)
+        dt = self.dtype
+        h = jax.nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
+        h = constrain(h, ("act_batch", "act_length", "act_mlp"))
+        return h @ w_down.astype(dt)

@@ -1,0 +1,70 @@
+"""DeepSeekMoE feed-forward block: router + routed experts + shared experts.
+
+y = shared(x) + sum_{j in top-k} w_j expert_j(x); the routed sum goes through the dispatch
+strategy named by `MoEConfig.dispatch` (see experts.py).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.config import MoEConfig
+from moejax.model.experts import DISPATCH
+from moejax.model.layers import MLP, normal_init
+from moejax.model.router import Router, routing_stats
+from moejax.sharding import constrain
+
+DType = Any
+
+
+def group_size_for(num_tokens: int, preferred: int) -> int:
+    """Largest divisor of num_tokens that is <= preferred (capacity is per group)."""
+    size = min(preferred, num_tokens)
+    while num_tokens % size:
+        size -= 1
+    return size
+
+
+class MoE(nn.Module):
+    """Fine-grained routed SwiGLU experts plus shared experts (DeepSeekMoE)."""
+    cfg: MoEConfig
+    init_std: float = 0.02
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, mask: jax.Array
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """x [B, L, D], bias [E] (selection only), mask [B, L] real tokens -> (y, stats)."""
+        cfg = self.cfg
+        b, length, d = x.shape
+        with jax.named_scope("router"):
+            routing = Router(cfg.num_experts, cfg.top_k, cfg.score_fn, cfg.renormalize,
+                             cfg.routed_scaling_factor, cfg.num_groups, cfg.top_groups,
+                             self.init_std, name="router")(x, bias)
+        e, f = cfg.num_experts, cfg.expert_hidden
+        weights = (
+            self.param("gate", normal_init(self.init_std, ("expert", "embed", "expert_mlp")),
+                       (e, d, f), self.param_dtype),
+            self.param("up", normal_init(self.init_std, ("expert", "embed", "expert_mlp")),
+                       (e, d, f), self.param_dtype),
+            self.param("down", normal_init(self.init_std, ("expert", "expert_mlp", "embed")),
+                       (e, f, d), self.param_dtype),
+        )
+        s = group_size_for(b * length, cfg.group_size)
+        g = b * length // s
+        grouped = constrain(x.reshape(g, s, d), ("act_batch", None, "act_embed"))
+        routed, dropped = DISPATCH[cfg.dispatch](
+            grouped, routing.indices.reshape(g, s, -1), routing.weights.reshape(g, s, -1),
+            mask.reshape(g, s), weights, cfg.capacity_factor)
+        y = routed.reshape(b, length, d)
+        if cfg.num_shared_experts:
+            y = y + MLP(cfg.num_shared_experts * f, self.init_std, self.dtype,
+                        self.param_dtype, name="shared")(x)
+        stats = routing_stats(routing, mask)
+        real_pairs = jnp.maximum(mask.sum() * cfg.top_k, 1)
+        stats["dropped_fraction"] = dropped / real_pairs
+        return constrain(y, ("act_batch", "act_length", "act_embed")), stats

@@ -1,0 +1,136 @@
+"""Decoder blocks, the scanned layer stacks and the top-level `Transformer`.
+
+    embed -> [norm -> attention -> norm -> dense FFN]  x num_dense_layers
+          -> [norm -> attention -> norm -> MoE      ]  x num_moe_layers
+          -> norm -> LM head
+
+Each stack is one `nn.scan` over a (optionally rematerialised) block, so compile time does
+not grow with depth; `scan_layers=False` unrolls the same blocks (the tests hold both equal).
+The aux-loss-free balance biases live in the `moe_bias` collection as one [L_moe, E]
+array, fed to the scanned MoE blocks row by row; they never receive gradients.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from moejax.config import ModelConfig
+from moejax.model.attention import Attention
+from moejax.model.layers import MLP, Embed, LMHead, RMSNorm
+from moejax.model.moe import MoE
+from moejax.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_moe": jax.checkpoint_policies.save_only_these_names("attention_out", "ffn_out"),
+}
+BIAS_COLLECTION = "moe_bias"
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block; the FFN is dense or MoE. Signature fits `nn.scan`."""
+    cfg: ModelConfig
+    use_moe: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, segment_ids: jax.Array,
+                 positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        norm = lambda name: RMSNorm(cfg.norm_eps, dtype, pdtype, name=name)  # noqa: E731
+        with jax.named_scope("attention"):
+            h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope,
+                          cfg.attention_impl, cfg.init_std, dtype, pdtype,
+                          name="attention")(norm("attention_norm")(x), segment_ids, positions)
+        x = x + checkpoint_name(h, "attention_out")
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        h = norm("ffn_norm")(x)
+        if self.use_moe:
+            with jax.named_scope("moe"):
+                h, stats = MoE(cfg.moe, cfg.init_std, dtype, pdtype, name="moe")(
+                    h, bias, segment_ids > 0)
+        else:
+            with jax.named_scope("mlp"):
+                h = MLP(cfg.mlp_hidden, cfg.init_std, dtype, pdtype, name="mlp")(h)
+            stats = {}
+        x = x + checkpoint_name(h, "ffn_out")
+        return constrain(x, ("act_batch", "act_length", "act_embed")), stats
+
+
+def _block_class(cfg: ModelConfig) -> type[DecoderBlock]:
+    if cfg.remat_policy == "none":
+        return DecoderBlock
+    return nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat_policy],
+                    prevent_cse=not cfg.scan_layers, static_argnums=())
+
+
+class LayerStack(nn.Module):
+    """`num_layers` blocks of one kind, scanned or unrolled; biases are [num_layers, E]."""
+    cfg: ModelConfig
+    use_moe: bool
+    num_layers: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, biases: jax.Array, segment_ids: jax.Array,
+                 positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        block = _block_class(self.cfg)
+        if self.cfg.scan_layers:
+            scanned = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast), length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            return scanned(self.cfg, self.use_moe, name="layers")(
+                x, biases, segment_ids, positions)
+        per_layer = []
+        for i in range(self.num_layers):
+            x, stats = block(self.cfg, self.use_moe, name=f"layers_{i}")(
+                x, biases[i], segment_ids, positions)
+            per_layer.append(stats)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else {}
+
+
+class Transformer(nn.Module):
+    """DeepSeekMoE decoder. `logits, aux = model.apply(variables, tokens, ...)`.
+
+    aux: `balance_loss`, `z_loss`, `dropped_fraction` [L_moe], `expert_load` [L_moe, E],
+    and `moe_loss` = balance_loss_coef * sum(balance_loss) + z_loss_coef * sum(z_loss).
+    """
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        embed = Embed(cfg.vocab_size, cfg.embed_dim, cfg.init_std, dtype, pdtype, name="embed")
+        x = embed(tokens)
+        aux: dict[str, Any] = {}
+        if cfg.num_dense_layers:
+            dummy = jnp.zeros((cfg.num_dense_layers, 1), jnp.float32)
+            x, _ = LayerStack(cfg, False, cfg.num_dense_layers, name="dense_stack")(
+                x, dummy, segment_ids, positions)
+        if cfg.num_moe_layers:
+            biases = self.variable(
+                BIAS_COLLECTION, "bias",
+                nn.with_logical_partitioning(jnp.zeros, ("layers", "expert")),
+                (cfg.num_moe_layers, cfg.moe.num_experts), jnp.float32).value
+            x, aux = LayerStack(cfg, True, cfg.num_moe_layers, name="moe_stack")(
+                x, biases, segment_ids, positions)
+            aux["moe_loss"] = (cfg.moe.balance_loss_coef * aux["balance_loss"].sum()
+                               + cfg.moe.z_loss_coef * aux["z_loss"].sum())
+        x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = LMHead(cfg.vocab_size, cfg.init_std, dtype, pdtype, name="head")(x)
+        return logits.astype(jnp.float32), aux

@@ -1,0 +1,201 @@
+"""Device mesh, the logical-axis vocabulary, the rules table and sharded initialisation.
+
+Every parameter and large activation is annotated with *logical* axis names; `RULES` maps
+each name to mesh axes; GSPMD inserts the collectives. This file is the only place where
+the vocabulary is defined or extended.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moejax.config import MESH_AXES, Config, MeshConfig
+
+# Logical axis -> what it means. Parameters first, then activations.
+LOGICAL_AXES: dict[str, str] = {
+    "vocab": "vocabulary rows of the embedding / columns of the LM head",
+    "embed": "model dimension D of a parameter",
+    "heads": "attention heads (query or key/value) of a projection",
+    "head_dim": "per-head dimension K",
+    "q_lora": "low-rank query latent (MLA)",
+    "kv_lora": "compressed key/value latent (MLA)",
+    "mlp": "hidden dimension of a dense FFN",
+    "expert": "routed-expert index E of an expert weight or router column",
+    "expert_mlp": "hidden dimension F of a routed expert",
+    "layers": "stacked layer index of a scanned stack",
+    "norm": "RMSNorm scale vector (never sharded)",
+    "act_batch": "batch B of an activation (split over every data-parallel axis)",
+    "act_length": "sequence length L of an activation",
+    "act_embed": "model dimension D of an activation",
+    "act_heads": "attention heads of an activation",
+    "act_mlp": "hidden dimension of an activation inside an FFN",
+    "act_vocab": "vocabulary dimension of the logits",
+    "act_expert": "expert index E of a dispatched activation buffer",
+    "act_group": "token groups G inside the MoE once the experts own the expert axis",
+}
+
+MeshAxes = str | tuple[str, ...] | None
+
+# Logical name -> mesh axis (or axes). One table for the whole model.
+RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("q_lora", None),
+    ("kv_lora", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("act_batch", ("data", "fsdp", "expert")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_expert", "expert"),
+    ("act_group", ("data", "fsdp")),
+)
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
+    "moejax_mesh", default=None)
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Resolves -1 to the remaining devices and checks the product equals the device count."""
+    sizes = {a: getattr(cfg, a) for a in MESH_AXES}
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    for axis, size in sizes.items():
+        if size == -1:
+            if num_devices % fixed:
+                raise ValueError(f"mesh.{axis}=-1: {num_devices} devices are not divisible by "
+                                 f"the other axes' product {fixed}; change the mesh sizes.")
+            sizes[axis] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"mesh {sizes} uses {math.prod(sizes.values())} devices but "
+                         f"{num_devices} are present; set one axis to -1 or fix the sizes.")
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig | Config | Any, devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds the (data, fsdp, expert, tensor) mesh from the mesh section."""
+    if isinstance(cfg, Config):
+        cfg = cfg.mesh
+    elif not isinstance(cfg, MeshConfig):
+        from moejax.config import mesh_config
+        cfg = mesh_config(cfg.get("mesh", cfg) if hasattr(cfg, "get") else cfg)
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    device_grid = np.asarray(devices).reshape(shape)
+    if devices == list(jax.devices()) and len(devices) > 1:
+        try:  # topology-aware order where JAX knows the interconnect
+            device_grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+        except Exception:  # noqa: BLE001 - fake CPU devices have no topology
+            pass
+    return Mesh(device_grid, MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, MeshAxes]] = RULES,
+                    shape: Sequence[int] | None = None, mesh: Mesh | None = None
+                    ) -> PartitionSpec:
+    """Maps logical names to a PartitionSpec.
+
+    A mesh axis is used at most once per array (the first dimension that asks for it wins),
+    and with `shape` and `mesh` given, axes that do not divide the dimension are dropped so
+    that the dimension stays whole rather than unevenly split.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for dim, name in enumerate(names):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no rule; add it to moejax/sharding.py.")
+        axes = table[name]
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        kept = []
+        for axis in axes:
+            if axis in used:
+                continue
+            if mesh is not None and shape is not None:
+                size = math.prod(mesh.shape[a] for a in kept + [axis])
+                if shape[dim] % size:
+                    continue
+            kept.append(axis)
+        used.update(kept)
+        out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+    return PartitionSpec(*out)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, cfg: Any = None,
+             rules: Sequence[tuple[str, MeshAxes]] = RULES) -> Iterator[Mesh]:
+    """Activates `mesh` for jit and the logical rules for activation constraints."""
+    del cfg  # the rules table is global today; the argument keeps the public API stable
+    token = _ACTIVE.set((mesh, tuple(rules)))
+    try:
+        with jax.set_mesh(mesh):
+            yield mesh
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `use_mesh`."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(names, rules, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def param_shardings(abstract_variables: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, MeshAxes]] = RULES) -> Any:
+    """NamedShardings for a variables tree whose leaves are nn.Partitioned (or plain)."""
+    def one(leaf: Any) -> NamedSharding:
+        if isinstance(leaf, nn.Partitioned):
+            spec = logical_to_spec(leaf.names, rules, leaf.value.shape, mesh)
+        else:
+            spec = PartitionSpec()
+        return NamedSharding(mesh, spec)
+    return jax.tree.map(one, abstract_variables,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def logical_names(variables: Any) -> Any:
+    """The tree of logical axis-name tuples (None for unannotated leaves)."""
+    return jax.tree.map(lambda x: x.names if isinstance(x, nn.Partitioned) else None,
+                        variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def init_variables(model: nn.Module, cfg: Any, mesh: Mesh, rng: jax.Array,
+                   batch_shape: tuple[int, int] = (1, 8)) -> Any:
+    """Initialises the variables directly sharded over `mesh` (abstract init -> jitted init).
+
+    Nothing is built whole and split afterwards: `jax.eval_shape` gives the shapes and
+    logical names, the rules give shardings, and a jitted init writes each shard in place.
+    """
+    del cfg
+    tokens = jnp.zeros(batch_shape, jnp.int32)
+    init_fn: Callable[[jax.Array], Any] = lambda r: model.init(r, tokens)
+    with use_mesh(mesh):
+        abstract = jax.eval_shape(init_fn, rng)
+        shardings = param_shardings(abstract, mesh)
+        variables = jax.jit(init_fn, out_shardings=shardings)(rng)
+    return nn.unbox(variables)
+
