@@ -13,3 +13,27 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMALL_MODEL = [
+    "model.vocab_size=128", "model.embed_dim=64", "model.num_layers=3",
+    "model.num_dense_layers=1", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.head_dim=16", "model.mlp_hidden=128", "model.moe.num_experts=8",
+    "model.moe.top_k=2", "model.moe.expert_hidden=32", "model.moe.group_size=32",
+    "model.max_seq_len=256", "model.moe.balance_loss_coef=0.01", "model.moe.z_loss_coef=0.001",
+]
+
+
+def small_config(*overrides: str):
+    """configs/tiny.py shrunk for fast tests, plus overrides ('a.b=value')."""
+    from moejax.config import load_config
+    return load_config(str(ROOT / "configs" / "tiny.py"), [*SMALL_MODEL, *overrides])
+
+
+@pytest.fixture
+def small_cfg():
+    return small_config()
