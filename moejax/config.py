@@ -293,7 +293,11 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         current = node[leaf]
         if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        node[leaf] = value
+        try:
+            node[leaf] = value
+        except TypeError as err:
+            raise ValueError(f"{key}={value!r}: wrong type for this field "
+                             f"(currently {current!r}): {err}") from None
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
