@@ -101,3 +101,23 @@ def test_aux_reports_per_layer_moe_statistics():
     assert aux["balance_loss"].shape == aux["z_loss"].shape == (2,)
     assert bool(jnp.all(aux["dropped_fraction"] > 0))  # capacity 0.5 must drop
     assert float(aux["moe_loss"]) > 0
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_cached_decoding_equals_the_full_forward(scan):
+    cfg = small_config("model.moe.capacity_factor=0.0", f"model.scan_layers={scan}")
+    tokens = _tokens(2, 24)
+    model, v = _init(cfg, tokens)
+    full, _ = model.apply(v, tokens)
+    decoder = Transformer(moejax.model_config(cfg.model), decode=True)
+    prompt = 10
+    positions = jnp.broadcast_to(jnp.arange(prompt), (2, prompt))
+    (logits, _), state = decoder.apply(v, tokens[:, :prompt], positions=positions,
+                                       mutable=["cache"])
+    steps = [logits]
+    step = jax.jit(lambda v, t, p: decoder.apply(v, t, positions=p, mutable=["cache"]))
+    for t in range(prompt, tokens.shape[1]):
+        (logits, _), state = step({**v, **state}, tokens[:, t:t + 1],
+                                  jnp.full((2, 1), t))
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)

@@ -59,6 +59,8 @@ class Attention(nn.Module):
     init_std: float = 0.02
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    decode: bool = False  # keep keys/values in the `cache` collection (incremental decoding)
+    max_len: int = 2048  # cache length in decode mode
 
     @nn.compact
     def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array
@@ -77,7 +79,30 @@ class Attention(nn.Module):
         q = constrain(apply_rope(q, positions, self.rope), ("act_batch", "act_length",
                                                              "act_heads", None))
         k = apply_rope(k, positions, self.rope)
-        out = dot_product_attention(q, k, v, attention_mask(segment_ids),
-                                    self.head_dim ** -0.5, self.impl)
+        if self.decode:
+            k, v, mask = self._update_cache(k, v)
+        else:
+            mask = attention_mask(segment_ids)
+        out = dot_product_attention(q, k, v, mask, self.head_dim ** -0.5, self.impl)
         out = constrain(out, ("act_batch", "act_length", "act_heads", None))
         return jnp.einsum("BLHK,HKD->BLD", out, wo.astype(dt))
+
+    def _update_cache(self, k: jax.Array, v: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Writes k/v [B, L, Hkv, K] at the cache index; returns the whole cache and a mask.
+
+        The cache holds one left-aligned sequence per row (prompt, then generated tokens);
+        the first call (the prompt) creates it. Query i of this call sits at index + i.
+        """
+        b, length = k.shape[:2]
+        shape = (b, self.max_len, self.num_kv_heads, self.head_dim)
+        cached_k = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        start = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+        index.value = start + length
+        query_pos = start + jnp.arange(length)
+        mask = jnp.arange(self.max_len)[None, :] <= query_pos[:, None]  # [L, max_len]
+        return cached_k.value, cached_v.value, jnp.broadcast_to(mask, (b, 1, *mask.shape))

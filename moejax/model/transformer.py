@@ -37,6 +37,7 @@ class DecoderBlock(nn.Module):
     """Pre-norm residual block; the FFN is dense or MoE. Signature fits `nn.scan`."""
     cfg: ModelConfig
     use_moe: bool
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, segment_ids: jax.Array,
@@ -46,8 +47,8 @@ class DecoderBlock(nn.Module):
         norm = lambda name: RMSNorm(cfg.norm_eps, dtype, pdtype, name=name)  # noqa: E731
         with jax.named_scope("attention"):
             h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope,
-                          cfg.attention_impl, cfg.init_std, dtype, pdtype,
-                          name="attention")(norm("attention_norm")(x), segment_ids, positions)
+                          cfg.attention_impl, cfg.init_std, dtype, pdtype, self.decode,
+                          cfg.max_seq_len, name="attention")(norm("attention_norm")(x), segment_ids, positions)
         x = x + checkpoint_name(h, "attention_out")
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         h = norm("ffn_norm")(x)
@@ -75,6 +76,7 @@ class LayerStack(nn.Module):
     cfg: ModelConfig
     use_moe: bool
     num_layers: int
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, biases: jax.Array, segment_ids: jax.Array,
@@ -82,14 +84,14 @@ class LayerStack(nn.Module):
         block = _block_class(self.cfg)
         if self.cfg.scan_layers:
             scanned = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast), length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})
-            return scanned(self.cfg, self.use_moe, name="layers")(
+            return scanned(self.cfg, self.use_moe, self.decode, name="layers")(
                 x, biases, segment_ids, positions)
         per_layer = []
         for i in range(self.num_layers):
-            x, stats = block(self.cfg, self.use_moe, name=f"layers_{i}")(
+            x, stats = block(self.cfg, self.use_moe, self.decode, name=f"layers_{i}")(
                 x, biases[i], segment_ids, positions)
             per_layer.append(stats)
         return x, jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else {}
@@ -100,8 +102,12 @@ class Transformer(nn.Module):
 
     aux: `balance_loss`, `z_loss`, `dropped_fraction` [L_moe], `expert_load` [L_moe, E],
     and `moe_loss` = balance_loss_coef * sum(balance_loss) + z_loss_coef * sum(z_loss).
+
+    With `decode=True` attention keeps keys/values in the `cache` collection: apply with
+    `mutable=["cache"]`, the prompt first, then one token at a time, passing `positions`.
     """
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
@@ -117,14 +123,14 @@ class Transformer(nn.Module):
         aux: dict[str, Any] = {}
         if cfg.num_dense_layers:
             dummy = jnp.zeros((cfg.num_dense_layers, 1), jnp.float32)
-            x, _ = LayerStack(cfg, False, cfg.num_dense_layers, name="dense_stack")(
+            x, _ = LayerStack(cfg, False, cfg.num_dense_layers, self.decode, name="dense_stack")(
                 x, dummy, segment_ids, positions)
         if cfg.num_moe_layers:
             biases = self.variable(
                 BIAS_COLLECTION, "bias",
                 nn.with_logical_partitioning(jnp.zeros, ("layers", "expert")),
                 (cfg.num_moe_layers, cfg.moe.num_experts), jnp.float32).value
-            x, aux = LayerStack(cfg, True, cfg.num_moe_layers, name="moe_stack")(
+            x, aux = LayerStack(cfg, True, cfg.num_moe_layers, self.decode, name="moe_stack")(
                 x, biases, segment_ids, positions)
             aux["moe_loss"] = (cfg.moe.balance_loss_coef * aux["balance_loss"].sum()
                                + cfg.moe.z_loss_coef * aux["z_loss"].sum())
