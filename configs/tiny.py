@@ -62,4 +62,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     mesh.fsdp = 1
     mesh.expert = 1
     mesh.tensor = 1
+
+    cfg.data = data = ml_collections.ConfigDict()
+    data.source = "builtin"  # Python stdlib sources (~12 MB of text), no download
+    data.path = ""  # glob of input files (text / jsonl / arrayrecord sources)
+    data.text_field = "text"  # JSON Lines field holding the document
+    data.tokenizer = "byte"  # raw UTF-8 bytes (259 ids)
+    data.validation_fraction = 0.05  # share of documents held out for validation
+    data.shuffle_seed = 0  # seed of the global document shuffle
+    data.num_workers = 0  # grain worker processes (0 = in the main process)
+
+    cfg.train = train = ml_collections.ConfigDict()
+    train.steps = 600  # optimizer steps
+    train.batch_size = 16  # global batch (rows)
+    train.seq_len = 256  # tokens per row
+    train.micro_batches = 1  # gradient accumulation splits
+    train.seed = 0  # parameter init and per-step RNG
+    train.log_every = 25  # steps between metric records
+    train.save_every = 200  # steps between checkpoints (plus a final one)
+    train.keep_checkpoints = 2  # newest checkpoints kept
+    train.eval_every = 0  # steps between validation passes (0 = only at the end)
+    train.eval_batches = 16  # validation batches per evaluation
+    train.peak_flops_per_device = 0.0  # for MFU; 0 = device table (CPU: an estimate)
+
+    cfg.optimizer = opt = ml_collections.ConfigDict()
+    opt.name = "adamw"  # AdamW with decoupled weight decay
+    opt.learning_rate = 3e-3  # peak learning rate
+    opt.warmup_steps = 50  # linear warmup steps from 0
+    opt.decay = "cosine"  # cosine decay to end_lr_fraction * peak at the last step
+    opt.end_lr_fraction = 0.1  # final learning rate / peak
+    opt.b1 = 0.9  # Adam first-moment decay
+    opt.b2 = 0.95  # Adam second-moment decay
+    opt.eps = 1e-8  # Adam epsilon
+    opt.weight_decay = 0.1  # decoupled weight decay (matrices only, see optimizer.py)
+    opt.decay_embeddings = False  # also decay the embedding and LM head
+    opt.grad_clip_norm = 1.0  # global-norm clipping (0 = off)
     return cfg

@@ -19,6 +19,7 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DISPATCHES = ("dense", "einsum", "index")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe")
 ROPE_STYLES = ("half", "interleaved")
+ATTENTION_TYPES = ("gqa", "mla")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -56,6 +57,23 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3); used when attention_type == "mla"."""
+    q_lora_rank: int = 0  # low-rank query latent width (0 = a plain D -> H*(nope+rope) query)
+    kv_lora_rank: int = 64  # compressed key/value latent width (the cached state)
+    qk_nope_head_dim: int = 32  # per-head query/key dims without rotary embedding
+    qk_rope_head_dim: int = 16  # per-head query dims (and the one shared key) that rotate
+    v_head_dim: int = 32  # per-head value dim
+
+
+@dataclasses.dataclass(frozen=True)
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3 section 2.2): extra heads predicting t+2."""
+    depth: int = 0  # MTP modules (0 = off, 1 = one module predicting token t+2)
+    loss_weight: float = 0.3  # lambda: weight of the MTP cross-entropy in the loss
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 512  # V
     embed_dim: int = 256  # D
@@ -74,8 +92,11 @@ class ModelConfig:
     scan_layers: bool = True  # stack layers with nn.scan (one stack dense, one MoE)
     remat_policy: str = "none"  # activation checkpointing: none|full|dots|dots_no_batch|save_moe
     attention_impl: str = "xla"  # "xla" (jax.nn.dot_product_attention), "cudnn", "reference"
+    attention_type: str = "gqa"  # "gqa" (grouped-query) or "mla" (multi-head latent, see mla)
     rope: RopeConfig = RopeConfig()
     moe: MoEConfig = MoEConfig()
+    mla: MLAConfig = MLAConfig()
+    mtp: MTPConfig = MTPConfig()
 
     @property
     def num_moe_layers(self) -> int:
@@ -210,6 +231,24 @@ def validate_model(m: ModelConfig) -> None:
     _check(m.rope.yarn_factor >= 1.0, "model.rope.yarn_factor", m.rope.yarn_factor,
            "must be >= 1 (1 disables YaRN).")
     validate_moe(m.moe)
+    _choice("model.attention_type", m.attention_type, ATTENTION_TYPES)
+    if m.attention_type == "mla":
+        validate_mla(m.mla)
+    validate_mtp(m.mtp)
+
+
+def validate_mla(a: MLAConfig) -> None:
+    _check(a.q_lora_rank >= 0, "model.mla.q_lora_rank", a.q_lora_rank,
+           "must be >= 0 (0 = plain query projection).")
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+        _check(getattr(a, name) > 0, f"model.mla.{name}", getattr(a, name), "must be > 0.")
+    _check(a.qk_rope_head_dim > 0 and a.qk_rope_head_dim % 2 == 0, "model.mla.qk_rope_head_dim",
+           a.qk_rope_head_dim, "must be a positive even number (rotary pairs).")
+
+
+def validate_mtp(t: MTPConfig) -> None:
+    _check(t.depth in (0, 1), "model.mtp.depth", t.depth, "must be 0 (off) or 1.")
+    _check(t.loss_weight >= 0, "model.mtp.loss_weight", t.loss_weight, "must be >= 0.")
 
 
 def validate_moe(e: MoEConfig) -> None:
@@ -246,9 +285,10 @@ def validate_mesh(mesh: MeshConfig, model: ModelConfig | None = None) -> None:
         _check(model.moe.num_experts % mesh.expert == 0, "model.moe.num_experts",
                model.moe.num_experts, f"must be divisible by mesh.expert={mesh.expert}; "
                "change the expert count or the expert axis size.")
-    if mesh.tensor > 1:
-        _check(model.num_kv_heads % mesh.tensor == 0, "model.num_kv_heads",
-               model.num_kv_heads, f"must be divisible by mesh.tensor={mesh.tensor}.")
+    if mesh.tensor > 1:  # MLA shards its query heads, GQA its key/value heads
+        heads = "num_heads" if model.attention_type == "mla" else "num_kv_heads"
+        _check(getattr(model, heads) % mesh.tensor == 0, f"model.{heads}",
+               getattr(model, heads), f"must be divisible by mesh.tensor={mesh.tensor}.")
 
 
 def model_config(section: Any) -> ModelConfig:
@@ -387,6 +427,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 def active_params_per_token(m: ModelConfig) -> dict[str, int]:
     """Matrix parameters a token passes through per layer kind (for FLOP estimates)."""
     attn = m.embed_dim * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+    if m.attention_type == "mla":  # q (low-rank or plain), kv down/up, out projections
+        a, d, h = m.mla, m.embed_dim, m.num_heads
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        attn = (d * a.q_lora_rank + a.q_lora_rank * h * qk if a.q_lora_rank else d * h * qk)
+        attn += d * (a.kv_lora_rank + a.qk_rope_head_dim) + h * a.v_head_dim * d
+        attn += a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
     dense = 3 * m.embed_dim * m.mlp_hidden
     moe = 3 * m.embed_dim * m.moe.expert_hidden * (m.moe.top_k + m.moe.num_shared_experts)
     router = m.embed_dim * m.moe.num_experts
@@ -394,5 +440,6 @@ def active_params_per_token(m: ModelConfig) -> dict[str, int]:
             "head": m.embed_dim * m.vocab_size}
 
 
-__all__ = ["Config", "resolve", "ModelConfig", "MoEConfig", "RopeConfig", "MeshConfig", "load_config",
+__all__ = ["Config", "resolve", "ModelConfig", "MoEConfig", "RopeConfig", "MeshConfig",
+           "MLAConfig", "MTPConfig", "load_config",
            "model_config", "mesh_config", "validate", "apply_overrides"]

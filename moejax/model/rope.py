@@ -6,8 +6,8 @@ their value (extrapolation), long ones are divided by `factor` (interpolation), 
 linear ramp between the dims that rotate `beta_fast` and `beta_slow` times over the
 original context. cos/sin are multiplied by the magnitude factor
 get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim), get_mscale(f, m) =
-0.1 * m * ln(f) + 1 (or 1 when f <= 1); with mscale_all_dim = 0 the factor is
-get_mscale(factor, 1).
+0.1 * m * ln(f) + 1 (or 1 when f <= 1); when mscale or mscale_all_dim is 0 the factor is
+get_mscale(factor, 1) (HuggingFace's rule).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def magnitude_factor(cfg: RopeConfig) -> float:
     """The YaRN cos/sin scale (1.0 without YaRN)."""
     if cfg.yarn_factor <= 1.0:
         return 1.0
-    if cfg.yarn_mscale_all_dim:
+    if cfg.yarn_mscale and cfg.yarn_mscale_all_dim:  # as HF: both set, else get_mscale(f)
         return (yarn_get_mscale(cfg.yarn_factor, cfg.yarn_mscale)
                 / yarn_get_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim))
     return yarn_get_mscale(cfg.yarn_factor, 1.0)

@@ -2,12 +2,13 @@
 
     embed -> [norm -> attention -> norm -> dense FFN]  x num_dense_layers
           -> [norm -> attention -> norm -> MoE      ]  x num_moe_layers
-          -> norm -> LM head
+          -> norm -> LM head                       (+ MTP head, see mtp.py, when asked)
 
 Each stack is one `nn.scan` over a (optionally rematerialised) block, so compile time does
 not grow with depth; `scan_layers=False` unrolls the same blocks (the tests hold both equal).
 The aux-loss-free balance biases live in the `moe_bias` collection as one [L_moe, E]
-array, fed to the scanned MoE blocks row by row; they never receive gradients.
+array, fed to the scanned MoE blocks row by row; they never receive gradients. The
+attention module (GQA or MLA) is chosen by `make_attention` from `model.attention_type`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from jax.ad_checkpoint import checkpoint_name
 from moejax.config import ModelConfig
 from moejax.model.attention import Attention
 from moejax.model.layers import MLP, Embed, LMHead, RMSNorm
+from moejax.model.mla import MLA
 from moejax.model.moe import MoE
+from moejax.model.mtp import MTP_BIAS, MTPModule, next_tokens
 from moejax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -31,6 +34,17 @@ REMAT_POLICIES = {
     "save_moe": jax.checkpoint_policies.save_only_these_names("attention_out", "ffn_out"),
 }
 BIAS_COLLECTION = "moe_bias"
+
+
+def make_attention(cfg: ModelConfig, decode: bool, name: str = "attention") -> nn.Module:
+    """The attention module selected by `cfg.attention_type` ("gqa" or "mla")."""
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if cfg.attention_type == "mla":
+        return MLA(cfg.num_heads, cfg.mla, cfg.rope, cfg.attention_impl, cfg.init_std, dtype,
+                   pdtype, decode, cfg.max_seq_len, name=name)
+    return Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope,
+                     cfg.attention_impl, cfg.init_std, dtype, pdtype, decode, cfg.max_seq_len,
+                     name=name)
 
 
 class DecoderBlock(nn.Module):
@@ -46,9 +60,8 @@ class DecoderBlock(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm = lambda name: RMSNorm(cfg.norm_eps, dtype, pdtype, name=name)  # noqa: E731
         with jax.named_scope("attention"):
-            h = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope,
-                          cfg.attention_impl, cfg.init_std, dtype, pdtype, self.decode,
-                          cfg.max_seq_len, name="attention")(norm("attention_norm")(x), segment_ids, positions)
+            h = make_attention(cfg, self.decode)(norm("attention_norm")(x), segment_ids,
+                                                 positions)
         x = x + checkpoint_name(h, "attention_out")
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         h = norm("ffn_norm")(x)
@@ -103,6 +116,11 @@ class Transformer(nn.Module):
     aux: `balance_loss`, `z_loss`, `dropped_fraction` [L_moe], `expert_load` [L_moe, E],
     and `moe_loss` = balance_loss_coef * sum(balance_loss) + z_loss_coef * sum(z_loss).
 
+    With `model.mtp.depth = 1` the parameters hold an MTP module (`params/mtp`, its balance
+    bias `moe_bias/mtp_bias` [1, E]); `with_mtp=True` also returns `mtp_logits` [B, L, V]
+    (position t predicts token t+2), `mtp_expert_load` [1, E] and `mtp_moe_loss`.
+    Without `with_mtp` the MTP module is not computed.
+
     With `decode=True` attention keeps keys/values in the `cache` collection: apply with
     `mutable=["cache"]`, the prompt first, then one token at a time, passing `positions`.
     """
@@ -111,7 +129,8 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+                 positions: jax.Array | None = None, with_mtp: bool = False
+                 ) -> tuple[jax.Array, dict[str, Any]]:
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if segment_ids is None:
@@ -126,17 +145,30 @@ class Transformer(nn.Module):
             x, _ = LayerStack(cfg, False, cfg.num_dense_layers, self.decode, name="dense_stack")(
                 x, dummy, segment_ids, positions)
         if cfg.num_moe_layers:
-            biases = self.variable(
-                BIAS_COLLECTION, "bias",
-                nn.with_logical_partitioning(jnp.zeros, ("layers", "expert")),
-                (cfg.num_moe_layers, cfg.moe.num_experts), jnp.float32).value
+            biases = self._bias("bias", cfg.num_moe_layers)
             x, aux = LayerStack(cfg, True, cfg.num_moe_layers, self.decode, name="moe_stack")(
                 x, biases, segment_ids, positions)
-            aux["moe_loss"] = (cfg.moe.balance_loss_coef * aux["balance_loss"].sum()
-                               + cfg.moe.z_loss_coef * aux["z_loss"].sum())
+            aux["moe_loss"] = self._moe_loss(aux)
         x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = LMHead(cfg.vocab_size, cfg.init_std, dtype, pdtype, name="head")(x)
+        head = embed.attend if cfg.tie_embeddings else LMHead(
+            cfg.vocab_size, cfg.init_std, dtype, pdtype, name="head")
+        logits = head(x)
+        if cfg.mtp.depth and not self.decode and (with_mtp or self.is_initializing()):
+            mtp_x, stats = MTPModule(cfg, _block_class(cfg), name="mtp")(
+                x, embed(next_tokens(tokens)), self._bias(MTP_BIAS, cfg.mtp.depth)[0],
+                segment_ids, positions)
+            aux["mtp_logits"] = head(mtp_x).astype(jnp.float32)
+            aux["mtp_expert_load"] = stats["expert_load"][None]
+            aux["mtp_moe_loss"] = self._moe_loss(jax.tree.map(lambda a: a[None], stats))
         return logits.astype(jnp.float32), aux
+
+    def _bias(self, name: str, rows: int) -> jax.Array:
+        """[rows, E] balance biases of the `moe_bias` collection (zeros at init)."""
+        return self.variable(
+            BIAS_COLLECTION, name, nn.with_logical_partitioning(jnp.zeros, ("layers", "expert")),
+            (rows, self.cfg.moe.num_experts), jnp.float32).value
+
+    def _moe_loss(self, stats: dict[str, jax.Array]) -> jax.Array:
+        moe = self.cfg.moe
+        return (moe.balance_loss_coef * stats["balance_loss"].sum()
+                + moe.z_loss_coef * stats["z_loss"].sum())

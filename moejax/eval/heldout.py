@@ -1,0 +1,118 @@
+"""Held-out metrics: cross-entropy, perplexity, bits per byte and expert usage per layer.
+
+bits_per_byte = (sum of target NLL in nats) / ln 2 / (UTF-8 bytes of those targets), so it
+does not depend on the tokenizer. The byte-unigram baseline (`unigram_bits_per_byte`,
+add-one smoothed byte frequencies of the train split) is computed on exactly the bytes
+that were evaluated: a model whose bits per byte is not clearly below it has learnt
+nothing beyond byte frequencies.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moejax import data as moedata
+from moejax.config import Config
+from moejax.train.state import TrainSetup, TrainState
+from moejax.train.step import batch_sharding, target_mask, token_nll
+
+Batch = dict[str, jax.Array]
+BASELINE_TRAIN_DOCUMENTS = 2000  # documents of the train split fitted by the unigram model
+
+
+def make_heldout_step(setup: TrainSetup, batch_size: int, seq_len: int
+                      ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Jitted (state, batch) -> summed target NLL (nats), target count, expert load."""
+    def step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        logits, aux = setup.model.apply(state.variables(), batch["tokens"],
+                                        batch["segment_ids"], batch["positions"])
+        nll, count = token_nll(logits, batch["tokens"], batch["segment_ids"])
+        out = {"nll": nll, "count": count}
+        if "expert_load" in aux:
+            out["expert_load"] = aux["expert_load"]
+        return out
+
+    return jax.jit(step, in_shardings=(setup.shardings,
+                                       batch_sharding(setup.mesh, batch_size, seq_len)),
+                   out_shardings=NamedSharding(setup.mesh, PartitionSpec()))
+
+
+class HeldOut:
+    """Evaluates a state on the first `num_batches` batches of the validation split."""
+
+    def __init__(self, setup: TrainSetup, cfg: Config, tokenizer: moedata.Tokenizer,
+                 num_batches: int):
+        self.cfg, self.tokenizer, self.num_batches = cfg, tokenizer, num_batches
+        t = cfg.train
+        self.sharding = batch_sharding(setup.mesh, t.batch_size, t.seq_len)
+        self.step = make_heldout_step(setup, t.batch_size, t.seq_len)
+
+    def batches(self) -> Any:
+        t = self.cfg.train
+        it = moedata.make_eval_iterator(self.cfg.data, self.tokenizer, t.seq_len, t.batch_size,
+                                        jax.process_index(), jax.process_count())
+        return itertools.islice(it, self.num_batches)
+
+    def target_ids(self, host_batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        mask = np.asarray(target_mask(host_batch["segment_ids"]))
+        return np.asarray(host_batch["tokens"])[:, 1:][mask]
+
+    def __call__(self, state: TrainState, with_details: bool = False) -> dict[str, Any]:
+        """`validation/*` metrics; with_details adds per-layer expert load and the texts."""
+        from moejax.train.loop import global_batch  # the loop imports this module
+        nll = count = 0.0
+        num_bytes, loads, texts = 0, [], []
+        for host in self.batches():
+            out = jax.device_get(self.step(state, global_batch(host, self.sharding)))
+            nll, count = nll + float(out["nll"]), count + float(out["count"])
+            targets = self.target_ids(host)
+            num_bytes += moedata.decoded_num_bytes(self.tokenizer, targets)
+            if "expert_load" in out:
+                loads.append(np.asarray(out["expert_load"]))
+            if with_details:
+                texts.append(self.tokenizer.decode(targets))
+        if count == 0:
+            return {}
+        num_bytes = _sum_over_hosts(num_bytes)
+        ce = nll / count
+        metrics: dict[str, Any] = {
+            "validation/cross_entropy": ce,
+            "validation/perplexity": math.exp(min(ce, 80.0)),
+            "validation/bits_per_byte": nll / math.log(2) / max(num_bytes, 1)}
+        if with_details:
+            metrics["expert_load"] = np.mean(loads, axis=0).tolist() if loads else []
+            metrics["evaluated_texts"] = texts
+        return metrics
+
+
+def _sum_over_hosts(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
+
+
+def unigram_baseline(cfg: Config, evaluated_texts: list[str]) -> float:
+    """Byte-unigram bits per byte on the evaluated texts, fitted on the train split."""
+    source = moedata.make_source(cfg.data, "train")
+    limit = min(len(source), BASELINE_TRAIN_DOCUMENTS)
+    train_texts = (source[i] for i in range(limit))
+    return moedata.unigram_bits_per_byte(train_texts, evaluated_texts)
+
+
+def expert_usage_table(load: list[list[float]], first_moe_layer: int) -> str:
+    """One line per MoE layer: max/mean load and the share of the busiest expert."""
+    lines = []
+    for i, row in enumerate(load):
+        arr = np.asarray(row)
+        lines.append(f"  layer {first_moe_layer + i}: max/mean {arr.max() / arr.mean():.2f}, "
+                     f"min share {arr.min():.3f}, max share {arr.max():.3f}")
+    return "\n".join(lines)
+
+
+__all__ = ["HeldOut", "make_heldout_step", "unigram_baseline", "expert_usage_table"]

@@ -1,0 +1,91 @@
+"""`evaluate(config, workdir)`: restore the newest checkpoint, measure, sample, report.
+
+Writes `<workdir>/eval.json` with `step`, `loss` (validation cross-entropy, nats/token),
+`perplexity`, `bits_per_byte`, `unigram_bits_per_byte` (the byte-frequency baseline on
+the same bytes), `expert_load` (per MoE layer, each expert's share of the routed pairs)
+and `samples` (greedy and nucleus samples from `prompt`, KV-cached decoding).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from moejax.config import Config, resolve
+from moejax.eval.generate import generate
+from moejax.eval.heldout import HeldOut, expert_usage_table, unigram_baseline
+from moejax.sharding import make_mesh, use_mesh
+from moejax.train import checkpoint
+from moejax.train.loop import check_inputs
+from moejax.train.state import make_setup
+
+SAMPLING = ({"temperature": 0.0, "top_p": 1.0}, {"temperature": 0.8, "top_p": 0.95})
+
+
+def _samples(cfg: Config, variables: Any, tokenizer: Any, prompt: str, max_new_tokens: int,
+             seed: int) -> list[dict[str, Any]]:
+    ids = np.asarray(tokenizer.encode(prompt), np.int32)
+    max_new_tokens = min(max_new_tokens, cfg.model.max_seq_len - len(ids))
+    out = []
+    for i, sampling in enumerate(SAMPLING):
+        tokens = generate(cfg.model, variables, ids, 1, max_new_tokens,
+                          jax.random.key(seed + i), **sampling)
+        out.append({**sampling, "prompt": prompt,
+                    "text": tokenizer.decode(tokens[0, len(ids):].tolist())})
+    return out
+
+
+def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | pathlib.Path, *,
+             prompt: str = "def ", max_new_tokens: int = 200, num_batches: int | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """Evaluates the newest checkpoint of `workdir`; returns what it writes to eval.json."""
+    cfg = config if isinstance(config, Config) else resolve(config)
+    workdir = pathlib.Path(workdir)
+    step = checkpoint.latest_step(workdir)
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoint.checkpoint_dir(workdir)}"
+                                "; train first (train.py --workdir ...).")
+    checkpoint.check_compatible(workdir, cfg)
+    tokenizer, summary = check_inputs(cfg)
+    batches = min(num_batches or cfg.train.eval_batches, summary.validation_batches)
+    mesh = make_mesh(cfg.mesh)
+    with use_mesh(mesh):
+        setup = make_setup(cfg, mesh)
+        state = checkpoint.load_state(workdir, setup.abstract, step)
+        metrics = HeldOut(setup, cfg, tokenizer, batches)(state, with_details=True)
+        samples = _samples(cfg, jax.device_get(state.variables()), tokenizer, prompt,
+                           max_new_tokens, seed)
+    if not metrics:
+        raise ValueError("the validation split yielded no targets; raise "
+                         "data.validation_fraction or add documents.")
+    result = {
+        "step": int(step),
+        "loss": metrics["validation/cross_entropy"],
+        "perplexity": metrics["validation/perplexity"],
+        "bits_per_byte": metrics["validation/bits_per_byte"],
+        "unigram_bits_per_byte": unigram_baseline(cfg, metrics["evaluated_texts"]),
+        "expert_load": metrics["expert_load"],
+        "samples": samples,
+    }
+    if jax.process_index() == 0:
+        (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def summary_text(result: dict[str, Any], cfg: Config) -> str:
+    """A short human summary of an `evaluate` result."""
+    lines = [f"step {result['step']}: loss {result['loss']:.4f} nats/token, perplexity "
+             f"{result['perplexity']:.3f}",
+             f"bits per byte {result['bits_per_byte']:.4f} (byte-unigram baseline "
+             f"{result['unigram_bits_per_byte']:.4f})"]
+    if result["expert_load"]:
+        lines.append("expert usage:")
+        lines.append(expert_usage_table(result["expert_load"], cfg.model.num_dense_layers))
+    for s in result["samples"]:
+        lines.append(f"--- sample (temperature {s['temperature']}, top_p {s['top_p']}) ---")
+        lines.append(s["prompt"] + s["text"])
+    return "\n".join(lines)

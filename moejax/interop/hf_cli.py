@@ -1,0 +1,134 @@
+"""`python -m moejax.interop.hf {import,export}`: HF folders <-> moejax training workdirs.
+
+    import --hf-dir DIR --workdir W [--dtype float32]
+        Loads DIR (hf.load), writes W/imported_config.py (the moejax config of the model,
+        every field declared) and an Orbax checkpoint at step 0 (parameters, fresh optimizer
+        state, balance biases, data iterator) exactly as the training loop writes them.
+        Continue with: python train.py --config W/imported_config.py --workdir W
+    export --workdir W --out DIR [--dtype bfloat16] [--step N]
+        Writes the newest (or step N) checkpoint of W as a HF `deepseek_v3` folder.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import pprint
+import sys
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from moejax.config import resolve
+from moejax.interop import hf
+
+CONFIG_FILE = "imported_config.py"
+_CONFIG_TEMPLATE = '''"""moejax config of the HuggingFace model imported from {source}.
+
+Written by `python -m moejax.interop.hf import`; train with
+    python train.py --config {path} --workdir {workdir}
+"""
+import ml_collections
+
+CONFIG = {body}
+
+
+def get_config(arg=None):
+    del arg
+    return ml_collections.ConfigDict(CONFIG)
+'''
+
+
+def _mesh_over_all_devices(cfg: ml_collections.ConfigDict) -> None:
+    cfg.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+
+
+def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> pathlib.Path:
+    """HF folder -> `workdir` with a step-0 checkpoint and its config file; returns the file."""
+    from moejax import data as moedata
+    from moejax.sharding import make_mesh, use_mesh
+    from moejax.train import checkpoint
+    from moejax.train.state import TrainState, make_setup
+
+    config, variables = hf.load(hf_dir, dtype=dtype)
+    cfg = resolve(config)
+    work = pathlib.Path(workdir)
+    if checkpoint.latest_step(work) is not None:
+        raise ValueError(f"{work} already holds checkpoints; import into a new --workdir.")
+    mesh = make_mesh(cfg.mesh)
+    with use_mesh(mesh):
+        setup = make_setup(cfg, mesh)
+        params = variables["params"]
+        state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                           opt_state=setup.tx.init(params),
+                           moe_bias=variables.get("moe_bias", {}))
+        state = jax.device_put(state, setup.shardings)
+        tokenizer = moedata.make_tokenizer(cfg.data.tokenizer)
+        train_it = moedata.make_train_iterator(
+            cfg.data, tokenizer, cfg.train.seq_len, cfg.train.batch_size,
+            jax.process_index(), jax.process_count())
+        manager = checkpoint.make_manager(work, cfg.train.keep_checkpoints)
+        try:
+            checkpoint.save(manager, 0, state, train_it, cfg)
+        finally:
+            checkpoint.close(manager)
+    path = work / CONFIG_FILE
+    if jax.process_index() == 0:
+        body = pprint.pformat(config.to_dict(), indent=1, width=96, sort_dicts=False)
+        path.write_text(_CONFIG_TEMPLATE.format(source=hf_dir, path=path, workdir=work,
+                                                body=body))
+    return path
+
+
+def export_checkpoint(workdir: str, out_dir: str, dtype: str | None = None,
+                      step: int | None = None) -> int:
+    """Checkpoint `step` (default: newest) of `workdir` -> HF folder; returns the step."""
+    from moejax.sharding import make_mesh, use_mesh
+    from moejax.train import checkpoint
+    from moejax.train.state import make_setup
+
+    step = checkpoint.latest_step(workdir) if step is None else step
+    if step is None:
+        raise ValueError(f"{workdir} holds no checkpoint to export.")
+    config = ml_collections.ConfigDict(checkpoint.saved_config(workdir, step))
+    _mesh_over_all_devices(config)  # any mesh restores; use every local device for data
+    cfg = resolve(config)
+    mesh = make_mesh(cfg.mesh)
+    with use_mesh(mesh):
+        setup = make_setup(cfg, mesh)
+        with ocp.CheckpointManager(checkpoint.checkpoint_dir(workdir),
+                                   options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+            state = mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(setup.abstract)))["state"]
+    hf.save(cfg.model, {"params": state.params, "moe_bias": state.moe_bias}, out_dir, dtype)
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m moejax.interop.hf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="HF folder -> moejax workdir (step-0 checkpoint)")
+    imp.add_argument("--hf-dir", required=True, help="folder with config.json + safetensors")
+    imp.add_argument("--workdir", required=True, help="new moejax workdir")
+    imp.add_argument("--dtype", default="float32", help="parameter storage dtype")
+    exp = sub.add_parser("export", help="moejax workdir checkpoint -> HF folder")
+    exp.add_argument("--workdir", required=True)
+    exp.add_argument("--out", required=True, help="output folder (config.json + safetensors)")
+    exp.add_argument("--dtype", default=None, help="weight dtype, e.g. bfloat16 (default: as "
+                     "stored)")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "import":
+            path = import_checkpoint(args.hf_dir, args.workdir, args.dtype)
+            print(f"imported {args.hf_dir} into {args.workdir} (step 0); continue with:\n"
+                  f"  python train.py --config {path} --workdir {args.workdir}")
+        else:
+            step = export_checkpoint(args.workdir, args.out, args.dtype, args.step)
+            print(f"exported step {step} of {args.workdir} to {args.out}")
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"moejax.interop.hf {args.command}: {err}")
+
+
+__all__ = ["export_checkpoint", "import_checkpoint", "main"]

@@ -1,0 +1,76 @@
+"""Multi-token prediction (DeepSeek-V3 section 2.2), depth 1.
+
+At position t the module combines the main model's final hidden state h_t with the shared
+embedding of the next token t+1 and predicts token t+2:
+
+    x = eh_proj([ enorm(Embed(tok_{t+1})) ; hnorm(h_t) ])        embedding FIRST
+    x = DecoderBlock(x)                                           one full MoE layer
+    logits = head( norm(x) )                                      the main model's LM head
+
+h_t is the main model's output *after* its final norm, as HuggingFace's `MtpModel` and
+vLLM feed it (the paper's "representation given by the main model"). The checkpoint
+convention of the concatenation is [embedding; hidden] (the paper writes [h; emb]).
+The last position has no token t+1: it gets the embedding of token 0 and its logits are
+meaningless; `mtp_token_nll` never counts it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from moejax.config import ModelConfig
+from moejax.model.layers import RMSNorm, normal_init
+
+MTP_BIAS = "mtp_bias"  # variable of the `moe_bias` collection: [depth, E] balance biases
+
+
+def next_tokens(tokens: jax.Array) -> jax.Array:
+    """[B, L] -> [B, L]: token t+1 at position t; the last position gets token 0."""
+    return jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+
+
+class MTPModule(nn.Module):
+    """One MTP depth: norms, the [emb; h] projection and a decoder block (MoE FFN).
+
+    Returns the normalised hidden state (apply the shared LM head to it) and the MoE
+    statistics of its block.
+    """
+    cfg: ModelConfig
+    block: Any  # the DecoderBlock class (possibly rematerialised) of the main model
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, next_embedded: jax.Array, bias: jax.Array,
+                 segment_ids: jax.Array, positions: jax.Array
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        norm = lambda name: RMSNorm(cfg.norm_eps, dtype, pdtype, name=name)  # noqa: E731
+        d = hidden.shape[-1]
+        both = jnp.concatenate([norm("enorm")(next_embedded), norm("hnorm")(hidden)], -1)
+        w = self.param("eh_proj", normal_init(cfg.init_std, (None, "embed")), (2 * d, d),
+                       pdtype)
+        x = both @ w.astype(dtype)
+        x, stats = self.block(cfg, True, False, name="block")(x, bias, segment_ids, positions)
+        return norm("norm")(x), stats
+
+
+def mtp_target_mask(segment_ids: jax.Array) -> jax.Array:
+    """bool [B, L-2]: whether token t+2 is an MTP target for position t (same document)."""
+    s0, s1, s2 = segment_ids[:, :-2], segment_ids[:, 1:-1], segment_ids[:, 2:]
+    return (s0 == s1) & (s1 == s2) & (s0 != 0)
+
+
+def mtp_token_nll(mtp_logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """(summed MTP negative log-likelihood of tokens t+2, number of counted targets).
+
+    The MTP loss of DeepSeek-V3 is loss_weight * nll / count (averaged over depths).
+    """
+    mask = mtp_target_mask(segment_ids)
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        mtp_logits[:, :-2].astype(jnp.float32), tokens[:, 2:])
+    return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask).astype(jnp.float32)

@@ -1,0 +1,225 @@
+"""DeepSeek-V4 MoE block: sqrtsoftplus scores, hash routing, clamped SwiGLU experts.
+
+    logits = x @ router.kernel (fp32)                        [B, L, E]
+    s      = sqrt(softplus(logits))         (score_fn "sqrtsoftplus"; sigmoid / softmax too)
+    idx    = top-k(s + bias)                 learned layers (bias: aux-loss-free balancing)
+           = tid2eid[token]                  hash layers (the first `num_hash_layers`)
+    w      = s[idx] / (sum s[idx] + 1e-20) * routed_scaling_factor   (softmax: no renorm)
+    expert(x) = down( silu(min(x@gate, L)) * clip(x@up, -L, L) ),  L = swiglu_limit
+    y      = sum_j w_j expert_{idx_j}(x) + shared(x)      (shared: same clamp, width n*I)
+
+`tid2eid` [V, k] int32 is a frozen token -> experts table in the `hash_routing` collection
+(not `params`: no gradient, no optimizer state). At init it holds k distinct random experts
+per token; imported checkpoints overwrite it. Hash layers ignore the balance bias.
+
+The clamp needs a hook inside the expert SwiGLU, which experts.py's `run_experts` does not
+have yet; `DISPATCH` below holds local clamped twins of experts.py's "dense" and "index"
+strategies (same contract, plus `swiglu_limit`). Once experts.py takes a `swiglu_limit`
+argument these become thin calls into it.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.model.experts import capacity, choice_major, slot_positions_sorted
+from moejax.model.layers import normal_init
+from moejax.model.moe import group_size_for
+from moejax.model.router import Routing, routing_stats, select_experts
+from moejax.model.v4_config import V4MoEConfig
+from moejax.sharding import constrain
+
+DType = Any
+HASH_COLLECTION = "hash_routing"  # Linen collection of the frozen tid2eid tables
+ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up [E,D,F]; down [E,F,D]
+
+
+def sqrtsoftplus(logits: jax.Array) -> jax.Array:
+    return jnp.sqrt(jax.nn.softplus(logits))
+
+
+def v4_score(logits: jax.Array, score_fn: str) -> jax.Array:
+    if score_fn == "sqrtsoftplus":
+        return sqrtsoftplus(logits)
+    if score_fn == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    if score_fn == "softmax":
+        return jax.nn.softmax(logits, axis=-1)
+    raise ValueError(f"unknown score_fn {score_fn!r}")
+
+
+def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
+    """silu(min(gate, L)) * clip(up, -L, L); limit <= 0 disables the clamp."""
+    if limit > 0:
+        gate = jnp.minimum(gate, limit)
+        up = jnp.clip(up, -limit, limit)
+    return jax.nn.silu(gate) * up
+
+
+def hash_routing(scores: jax.Array, table: jax.Array, tokens: jax.Array, renormalize: bool,
+                 scale: float) -> tuple[jax.Array, jax.Array]:
+    """Experts fixed by tid2eid[token]; weights from the scores of those experts."""
+    indices = jnp.take(table, tokens, axis=0).astype(jnp.int32)  # [B, L, k]
+    weights = jnp.take_along_axis(scores, indices, axis=-1)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return indices, weights * scale
+
+
+def random_tid2eid(key: jax.Array, vocab_size: int, num_experts: int, top_k: int
+                   ) -> jax.Array:
+    """[V, k] int32: k distinct uniformly random experts per token."""
+    noise = jax.random.uniform(key, (vocab_size, num_experts))
+    return jnp.argsort(noise, axis=-1)[:, :top_k].astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def run_experts_clamped(buffers: jax.Array, weights: ExpertWeights, limit: float
+                        ) -> jax.Array:
+    """Clamped SwiGLU of every expert on its buffer: [G, E, C, D] -> [G, E, C, D]."""
+    gate, up, down = (w.astype(buffers.dtype) for w in weights)
+    h = clamped_swiglu(jnp.einsum("GECD,EDF->GECF", buffers, gate),
+                       jnp.einsum("GECD,EDF->GECF", buffers, up), limit)
+    h = constrain(h, ("act_group", "act_expert", None, "act_mlp"))
+    return jnp.einsum("GECF,EFD->GECD", h, down)
+
+
+def dense_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
+                   expert_weights: ExpertWeights, capacity_factor: float, swiglu_limit: float
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Oracle: every expert on every token, gated by the sparse top-k weights."""
+    del capacity_factor
+    gate, up, down = (w.astype(x.dtype) for w in expert_weights)
+    gates = (jax.nn.one_hot(indices, gate.shape[0], dtype=x.dtype)
+             * weights.astype(x.dtype)[..., None]).sum(-2) * mask[..., None].astype(x.dtype)
+    h = clamped_swiglu(jnp.einsum("GSD,EDF->GSEF", x, gate), jnp.einsum("GSD,EDF->GSEF", x, up),
+                       swiglu_limit)
+    y = jnp.einsum("GSEF,EFD->GSED", h, down)
+    return jnp.einsum("GSED,GSE->GSD", y, gates), jnp.zeros((), jnp.int32)
+
+
+def index_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
+                   expert_weights: ExpertWeights, capacity_factor: float, swiglu_limit: float
+                   ) -> tuple[jax.Array, jax.Array]:
+    """experts.index_dispatch (gather into [G, E, C, D] buffers) with the clamp."""
+    g, s, d = x.shape
+    num_experts, top_k = expert_weights[0].shape[0], indices.shape[-1]
+    c = capacity(s, top_k, num_experts, capacity_factor)
+    real = jnp.broadcast_to(mask[:, None, :], (g, top_k, s)).reshape(g, -1) > 0
+    ids = jnp.where(real, choice_major(indices), num_experts)
+    pos = slot_positions_sorted(ids, num_experts)
+    keep = real & (pos < c)
+    trash = num_experts * c
+    slot = jnp.where(keep, ids * c + pos, trash)  # [G, T*S]
+    token = jnp.tile(jnp.arange(s, dtype=jnp.int32), top_k)
+    slot_token = jnp.full((g, trash + 1), s, jnp.int32)
+    slot_token = slot_token.at[jnp.arange(g)[:, None], slot].set(token[None, :])
+    x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
+    buffers = jnp.take_along_axis(x_pad, slot_token[:, :trash, None], axis=1)
+    buffers = constrain(buffers.reshape(g, num_experts, c, d),
+                        ("act_group", "act_expert", None, "act_embed"))
+    y = run_experts_clamped(buffers, expert_weights, swiglu_limit)
+    y = constrain(y, ("act_batch", None, None, "act_embed"))
+    y_pad = jnp.concatenate([y.reshape(g, trash, d), jnp.zeros((g, 1, d), y.dtype)], 1)
+    picked = jnp.take_along_axis(y_pad, slot[:, :, None], axis=1).reshape(g, top_k, s, d)
+    out = (picked * jnp.swapaxes(weights, 1, 2).astype(y.dtype)[..., None]).sum(axis=1)
+    return out, (real & ~keep).sum()
+
+
+DISPATCH: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+    "dense": dense_dispatch,
+    "index": index_dispatch,
+}
+
+
+# ----------------------------------------------------------------------------- modules
+
+class ClampedMLP(nn.Module):
+    """Shared expert: clamped SwiGLU D -> F -> D (params gate, up [D, F], down [F, D])."""
+    hidden: int
+    swiglu_limit: float
+    init_std: float = 0.02
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, dt = x.shape[-1], self.dtype
+        init_in = normal_init(self.init_std, ("embed", "mlp"))
+        w_gate = self.param("gate", init_in, (d, self.hidden), self.param_dtype)
+        w_up = self.param("up", init_in, (d, self.hidden), self.param_dtype)
+        w_down = self.param("down", normal_init(self.init_std, ("mlp", "embed")),
+                            (self.hidden, d), self.param_dtype)
+        h = clamped_swiglu(x @ w_gate.astype(dt), x @ w_up.astype(dt), self.swiglu_limit)
+        h = constrain(h, ("act_batch", "act_length", "act_mlp"))
+        return h @ w_down.astype(dt)
+
+
+class V4Router(nn.Module):
+    """fp32 scorer [D, E]; learned top-k on scores + bias, or the frozen hash table."""
+    cfg: V4MoEConfig
+    is_hash: bool
+    vocab_size: int
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, tokens: jax.Array) -> Routing:
+        cfg = self.cfg
+        w = self.param("kernel", normal_init(self.init_std, ("embed", "expert")),
+                       (x.shape[-1], cfg.num_experts), jnp.float32)
+        logits = jnp.einsum("BLD,DE->BLE", x.astype(jnp.float32), w)
+        scores = v4_score(logits, cfg.score_fn)
+        renorm = cfg.score_fn != "softmax"
+        if self.is_hash:
+            table = self.variable(
+                HASH_COLLECTION, "tid2eid", lambda: random_tid2eid(
+                    self.make_rng("params"), self.vocab_size, cfg.num_experts, cfg.top_k))
+            indices, weights = hash_routing(scores, table.value, tokens, renorm,
+                                            cfg.routed_scaling_factor)
+        else:
+            indices, weights = select_experts(
+                scores, jax.lax.stop_gradient(bias).astype(jnp.float32), cfg.top_k,
+                renormalize=renorm, scale=cfg.routed_scaling_factor)
+        return Routing(indices, weights, scores, logits)
+
+
+class V4MoE(nn.Module):
+    """Router + routed clamped experts + shared expert; returns (y, stats) like moe.MoE."""
+    cfg: V4MoEConfig
+    is_hash: bool
+    vocab_size: int
+    init_std: float = 0.02
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, tokens: jax.Array, mask: jax.Array
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.cfg
+        b, length, d = x.shape
+        routing = V4Router(cfg, self.is_hash, self.vocab_size, self.init_std, name="router")(
+            x, bias, tokens)
+        e, f = cfg.num_experts, cfg.expert_hidden
+        init = lambda *names: normal_init(self.init_std, names)  # noqa: E731
+        weights = (
+            self.param("gate", init("expert", "embed", "expert_mlp"), (e, d, f), self.param_dtype),
+            self.param("up", init("expert", "embed", "expert_mlp"), (e, d, f), self.param_dtype),
+            self.param("down", init("expert", "expert_mlp", "embed"), (e, f, d), self.param_dtype),
+        )
+        s = group_size_for(b * length, cfg.group_size)
+        g = b * length // s
+        grouped = constrain(x.reshape(g, s, d), ("act_batch", None, "act_embed"))
+        routed, dropped = DISPATCH[cfg.dispatch](
+            grouped, routing.indices.reshape(g, s, -1), routing.weights.reshape(g, s, -1),
+            mask.reshape(g, s), weights, cfg.capacity_factor, cfg.swiglu_limit)
+        y = routed.reshape(b, length, d)
+        if cfg.num_shared_experts:
+            y = y + ClampedMLP(cfg.num_shared_experts * f, cfg.swiglu_limit, self.init_std,
+                               self.dtype, self.param_dtype, name="shared")(x)
+        stats = routing_stats(routing, mask)
+        stats["dropped_fraction"] = dropped / jnp.maximum(mask.sum() * cfg.top_k, 1)
+        return constrain(y, ("act_batch", "act_length", "act_embed")), stats

@@ -1,0 +1,167 @@
+"""Abstract model plan: parameter counts and training FLOPs per token, with no memory used.
+
+    python -m moejax.plan --config configs/deepseek_v4.py:pro [--json] [--seq_len N]
+    python -m moejax.plan --config configs/tiny.py
+
+The model is built with `jax.eval_shape(model.init, ...)` (shapes only), so a 1.6T-parameter
+model plans on a laptop. A config whose model section has an `hc` sub-section is a
+DeepSeek-V4 model (`TransformerV4`), anything else a `moejax.Transformer`.
+
+Reported (`--json`: one object with exactly these keys):
+
+* `total_params`: the main model, MTP excluded (the published "total"), including the
+  balance biases (HF's `e_score_correction_bias`; for V4 only the non-hash layers' rows,
+  which exist in the checkpoint) and not V4's frozen `tid2eid` tables, so the figures
+  equal spec 5.1 / 5.2's formulas.
+* `mtp_params`: the MTP module (its balance bias included).
+* `active_params`: per token, everything except the routed experts a token does not use
+  ((E - k) of E per MoE layer) and except the input-embedding lookup (the LM head counts;
+  with tied embeddings the table counts once, as the head).
+* `embedding_params`: the input embedding table V * D.
+* `flops_per_token`: training (forward + backward) FLOPs per token at `seq_len` =
+  6 * active matmul weights (2 forward, 4 backward; norm scales, biases, sinks, position
+  biases and mHC base / scale are not matmuls) + attention. Attention is 3 x the forward
+  score and value matmuls, 3 * 2 * 2 * H * K * keys per layer, with no causal discount (the
+  PaLM convention of moejax.train.metrics): keys = seq_len for GQA / MLA; for V4
+  min(W, seq_len) window keys + seq_len / m' entries (HCA) or min(kI, seq_len / m) entries
+  (CSA), plus the CSA indexer's forward scores 2 * HI * dI * seq_len / m (no backward: its
+  top-k selection blocks the gradient).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+KEYS = ("total_params", "mtp_params", "active_params", "embedding_params", "flops_per_token")
+NON_MATMUL = ("scale", "sinks", "position_bias", "base", "bias", "embedding")
+
+
+def _leaves(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
+    return [(tuple(str(getattr(p, "key", p)) for p in path), leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _is_matmul(path: tuple[str, ...], leaf: Any) -> bool:
+    return path[-1] not in NON_MATMUL and len(leaf.shape) >= 2
+
+
+def _abstract(model: nn.Module) -> Any:
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))
+
+
+def _routed(path: tuple[str, ...]) -> bool:
+    """A routed-expert weight: moe/{gate,up,down} (not the shared expert's)."""
+    return len(path) >= 2 and path[-2] == "moe" and path[-1] in ("gate", "up", "down")
+
+
+def _count(variables: Any, num_experts: int, top_k: int
+           ) -> tuple[dict[str, int], int]:
+    """Counts over the params tree: total / mtp / active / active matmul weights."""
+    totals = {"main": 0, "mtp": 0, "active": 0, "active_matmul": 0}
+    for path, leaf in _leaves(variables["params"]):
+        size = math.prod(leaf.shape)
+        part = "mtp" if path[0] == "mtp" else "main"
+        totals[part] += size
+        if part == "mtp":
+            continue
+        used = size * top_k // num_experts if _routed(path) else size
+        totals["active"] += used
+        if _is_matmul(path, leaf):
+            totals["active_matmul"] += used
+    return totals, 0
+
+
+def plan_v4(section: Any, seq_len: int) -> dict[str, float]:
+    from moejax.model.v4 import TransformerV4  # noqa: PLC0415
+    from moejax.model.v4_config import v4_config  # noqa: PLC0415
+    cfg = v4_config(section)
+    e, a = cfg.moe, cfg.attention
+    variables = _abstract(TransformerV4(cfg))
+    counts, _ = _count(variables, e.num_experts, e.top_k)
+    biases = (cfg.num_layers - e.num_hash_layers) * e.num_experts
+    embedding = cfg.vocab_size * cfg.embed_dim
+    window = min(a.sliding_window, seq_len)
+    attn = 0.0
+    for kind in a.layer_types:
+        keys = window
+        if kind == "hca":
+            keys += seq_len // a.hca_rate
+        elif kind == "csa":
+            keys += min(a.index_topk, seq_len // a.csa_rate)
+            attn += 2 * a.index_heads * a.index_head_dim * (seq_len // a.csa_rate)
+        attn += 3 * 2 * 2 * a.num_heads * a.head_dim * keys
+    return {
+        "total_params": counts["main"] + biases,
+        "mtp_params": counts["mtp"] + (e.num_experts if cfg.mtp.depth else 0),
+        "active_params": counts["active"] + biases - embedding,
+        "embedding_params": embedding,
+        "flops_per_token": float(6 * (counts["active_matmul"]) + attn),
+    }
+
+
+def plan_transformer(section: Any, seq_len: int) -> dict[str, float]:
+    from moejax.config import model_config  # noqa: PLC0415
+    from moejax.model.transformer import Transformer  # noqa: PLC0415
+    m = model_config(section)
+    variables = _abstract(Transformer(m))
+    counts, _ = _count(variables, m.moe.num_experts, m.moe.top_k)
+    embedding = m.vocab_size * m.embed_dim
+    active = counts["active"] - (0 if m.tie_embeddings else embedding)
+    matmul = counts["active_matmul"] + (embedding if m.tie_embeddings else 0)
+    if getattr(m, "attention_type", "gqa") == "mla":
+        qk = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim
+        per_head = qk + m.mla.v_head_dim
+    else:
+        per_head = 2 * m.head_dim
+    attn = 3 * 2 * m.num_layers * seq_len * m.num_heads * per_head
+    biases = variables.get("moe_bias", {})  # e_score_correction_bias rows (spec 5.2)
+    main_bias = math.prod(biases["bias"].shape) if "bias" in biases else 0
+    mtp_bias = math.prod(biases["mtp_bias"].shape) if "mtp_bias" in biases else 0
+    return {"total_params": counts["main"] + main_bias, "mtp_params": counts["mtp"] + mtp_bias,
+            "active_params": active + main_bias, "embedding_params": embedding,
+            "flops_per_token": float(6 * matmul + attn)}
+
+
+def plan(cfg: Any, seq_len: int | None = None) -> dict[str, float]:
+    """The plan of a ConfigDict (an experiment) at `seq_len` (default: train.seq_len)."""
+    if seq_len is None:
+        seq_len = int(cfg.train.seq_len) if "train" in cfg else 4096
+    if "hc" in cfg.model:
+        return plan_v4(cfg.model, seq_len)
+    return plan_transformer(cfg.model, seq_len)
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.4g}{unit}"
+    return f"{n:.4g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moejax.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="configs/x.py[:arg]")
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+    parser.add_argument("--seq_len", type=int, default=None, help="default: train.seq_len")
+    args = parser.parse_args(argv)
+    from moejax.config import load_config_file  # noqa: PLC0415
+    result = plan(load_config_file(args.config), args.seq_len)
+    if args.json:
+        print(json.dumps({k: result[k] for k in KEYS}))
+    else:
+        for key in KEYS:
+            print(f"{key:18s} {result[key]:>22,.0f}  ({_human(result[key])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Orbax checkpoints: the train state, the grain iterator state and the resolved config.
+
+Layout: `<workdir>/checkpoints/<step>/{state, data, config}`, one Orbax
+`CheckpointManager` step per save, written asynchronously (the device-to-host copy happens
+inside `save`, the file writes in a background thread) and finalised atomically, so a run
+killed mid-save leaves only a temporary directory that `latest_step` ignores.
+
+  state   `ocp.args.StandardSave(TrainState)`; restored with `StandardRestore` onto the
+          abstract state of the *current* mesh, so a checkpoint restores onto any mesh.
+  data    the grain iterator (`moejax.data.iterator_checkpoint_args`), one JSON per process.
+  config  the resolved config as JSON (`ocp.args.JsonSave`).
+
+Before a run touches a workdir that already holds checkpoints, `check_compatible` reads the
+newest one's config (through a read-only manager) and compares its model section with the
+current one; any difference outside `RUNTIME_MODEL_FIELDS` (fields that change how the
+model computes, not which parameters it has or what they mean) raises a ValueError listing
+the fields, before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Mapping
+
+import orbax.checkpoint as ocp
+
+from moejax.config import Config
+from moejax.data import iterator_checkpoint_args
+from moejax.train.state import TrainState
+
+CHECKPOINT_DIR = "checkpoints"
+READ_ONLY = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+# Model fields that may change between a checkpoint and the run that resumes it.
+RUNTIME_MODEL_FIELDS = frozenset({
+    "dtype", "remat_policy", "attention_impl", "moe.dispatch", "moe.group_size",
+    "moe.capacity_factor", "moe.balance_loss_coef", "moe.z_loss_coef",
+    "moe.bias_update_rate"})
+
+
+def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+    """Where the CheckpointManager of `workdir` keeps its steps."""
+    return pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain JSON-able nested dicts."""
+    return dataclasses.asdict(cfg)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def model_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """'field: saved -> current' for every non-runtime model field that differs."""
+    old, new = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if key in RUNTIME_MODEL_FIELDS:
+            continue
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            diffs.append(f"model.{key}: {old.get(key, '<absent>')!r} -> "
+                         f"{new.get(key, '<absent>')!r}")
+    return diffs
+
+
+def latest_step(workdir: str | pathlib.Path) -> int | None:
+    """Newest complete checkpoint step in `workdir`, or None; reads only."""
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        return None
+    with ocp.CheckpointManager(
+            directory, options=READ_ONLY) as manager:
+        return manager.latest_step()
+
+
+def saved_config(workdir: str | pathlib.Path, step: int) -> dict[str, Any]:
+    """The resolved config stored with checkpoint `step` (read-only)."""
+    with ocp.CheckpointManager(
+            checkpoint_dir(workdir),
+            options=READ_ONLY) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))
+    return restored["config"]
+
+
+def check_compatible(workdir: str | pathlib.Path, cfg: Config) -> int | None:
+    """Raises ValueError if the newest checkpoint's model differs; returns its step."""
+    step = latest_step(workdir)
+    if step is None:
+        return None
+    saved = saved_config(workdir, step)
+    diffs = model_differences(saved.get("model", {}), config_dict(cfg)["model"])
+    if diffs:
+        raise ValueError(
+            f"workdir {str(workdir)!r} holds a checkpoint (step {step}) of a different model:"
+            f" {'; '.join(diffs)}. Use a new --workdir, or restore the saved model config "
+            f"(see {checkpoint_dir(workdir)}/{step}/config). Nothing was changed.")
+    return step
+
+
+def make_manager(workdir: str | pathlib.Path, keep: int) -> ocp.CheckpointManager:
+    """Asynchronous manager keeping the newest `keep` checkpoints (creates the folder)."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator: Any,
+         cfg: Config) -> bool:
+    """Starts an asynchronous save of state + iterator + config at `step`.
+
+    Call it before the iterator yields the next batch, so the saved iterator position
+    matches the state. Returns whether a save was started (False if `step` exists).
+    """
+    if step in manager.all_steps():
+        return False
+    return manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=iterator_checkpoint_args(iterator, restore=False),
+        config=ocp.args.JsonSave(config_dict(cfg))), force=True)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState,
+            iterator: Any) -> TrainState:
+    """Restores checkpoint `step` onto `abstract_state`'s shardings; the iterator in place."""
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=iterator_checkpoint_args(iterator, restore=True)))
+    return restored["state"]
+
+
+def load_state(workdir: str | pathlib.Path, abstract_state: TrainState,
+               step: int | None = None) -> TrainState:
+    """The train state of checkpoint `step` (default: newest) of `workdir`, read-only.
+
+    `abstract_state` (e.g. `make_setup(cfg, mesh).abstract`) gives the shapes and the
+    target shardings, so this loads onto any mesh (evaluation, a different topology).
+    """
+    step = latest_step(workdir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir(workdir)}.")
+    with ocp.CheckpointManager(
+            checkpoint_dir(workdir),
+            options=READ_ONLY) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """Waits for pending saves, then closes the manager."""
+    try:
+        manager.wait_until_finished()
+    finally:
+        manager.close()

@@ -1,0 +1,247 @@
+"""The host loop: `train_and_evaluate(config, workdir)`.
+
+Order of work, so that a bad input fails before anything is written:
+
+  1. resolve and validate the config; build the tokenizer; `check_enough_data` (every
+     ValueError names the field to fix);
+  2. build the mesh, the model, the optimizer and the sharded abstract state;
+  3. `checkpoint.check_compatible`: a workdir holding a checkpoint of another model is an
+     error (read-only look);
+  4. only now: create the workdir, write `config.json`, open the metrics writers and the
+     checkpoint manager; resume from the newest complete checkpoint or initialise;
+  5. the step loop: host batch -> global jax.Array -> `train_step` (jitted once, state
+     donated); metrics of a logged step are fetched after the *next* step is dispatched,
+     so the host never waits for the device just to log; checkpoints every
+     `train.save_every` steps and at the end; validation every `train.eval_every` steps;
+  6. a final validation pass (and `eval_hook` if given); the manager is always waited on
+     and closed, the writers closed, whatever happens (try/finally).
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from moejax import data as moedata
+from moejax.config import Config, resolve
+from moejax.sharding import make_mesh, use_mesh
+from moejax.train import checkpoint
+from moejax.train.metrics import (MetricsWriter, flops_per_token, host_metrics,
+                                  peak_flops_per_device, throughput)
+from moejax.train.state import TrainSetup, TrainState, init_state, make_setup, param_count
+from moejax.train.step import batch_sharding, make_eval_step, make_train_step, target_mask
+
+EvalHook = Callable[[TrainState, Config], Mapping[str, float]]
+
+
+def check_inputs(cfg: Config) -> tuple[moedata.Tokenizer, moedata.DataSummary]:
+    """Tokenizer and data summary; raises ValueError naming the fix (touches no file)."""
+    tokenizer = moedata.make_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer.vocab_size} ids of {tokenizer!r}); raise model.vocab_size.")
+    summary = moedata.check_enough_data(
+        cfg.data, tokenizer, cfg.train.seq_len, cfg.train.batch_size, jax.process_count(),
+        evaluate=cfg.data.validation_fraction > 0)
+    return tokenizer, summary
+
+
+def global_batch(host_batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding
+                 ) -> dict[str, jax.Array]:
+    """This host's rows -> one global jax.Array per field, laid out by `sharding`."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in host_batch.items()}
+
+
+class Validation:
+    """Held-out cross-entropy and bits per byte over up to `train.eval_batches` batches."""
+
+    def __init__(self, setup: TrainSetup, cfg: Config, tokenizer: moedata.Tokenizer,
+                 summary: moedata.DataSummary):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.num_batches = min(cfg.train.eval_batches, summary.validation_batches)
+        self.sharding = batch_sharding(setup.mesh, cfg.train.batch_size, cfg.train.seq_len)
+        self.step = make_eval_step(setup, cfg.train.batch_size, cfg.train.seq_len)
+
+    def target_bytes(self, host_batch: Mapping[str, np.ndarray]) -> int:
+        """UTF-8 bytes of this host's counted targets (the bits-per-byte denominator)."""
+        mask = target_mask(np.asarray(host_batch["segment_ids"]))  # numpy in, numpy out
+        return moedata.decoded_num_bytes(self.tokenizer, host_batch["tokens"][:, 1:][mask])
+
+    def __call__(self, state: TrainState) -> dict[str, float]:
+        if self.num_batches == 0:
+            return {}
+        t = self.cfg.train
+        it = moedata.make_eval_iterator(self.cfg.data, self.tokenizer, t.seq_len, t.batch_size,
+                                        jax.process_index(), jax.process_count())
+        nll = count = 0.0
+        num_bytes = 0
+        for _ in range(self.num_batches):
+            host = next(it)
+            out = jax.device_get(self.step(state, global_batch(host, self.sharding)))
+            nll, count = nll + float(out["nll"]), count + float(out["count"])
+            num_bytes += self.target_bytes(host)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            num_bytes = int(np.sum(multihost_utils.process_allgather(np.int64(num_bytes))))
+        ce = nll / max(count, 1.0)
+        return {"validation/cross_entropy": ce,
+                "validation/perplexity": math.exp(min(ce, 80.0)),
+                "validation/bits_per_byte": nll / math.log(2) / max(num_bytes, 1)}
+
+
+class Logger:
+    """Fetches logged steps' metrics one step late, adds throughput/MFU, writes them."""
+
+    def __init__(self, cfg: Config, writer: MetricsWriter, start_step: int, bar: tqdm):
+        self.writer, self.bar = writer, bar
+        self.num_dense = cfg.model.num_dense_layers
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        self.flops = flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak = peak_flops_per_device(override=cfg.train.peak_flops_per_device)
+        self.pending: tuple[int, Any] | None = None
+        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.latest: dict[str, float] = {}
+
+    def queue(self, step: int, device_metrics: Any) -> None:
+        """Remembers a dispatched step's metrics; they are fetched by the next `flush`."""
+        self.flush()
+        self.pending = (step, device_metrics)
+
+    def flush(self) -> None:
+        """Fetches (waits for) the pending step, writes its record."""
+        if self.pending is None:
+            return
+        step, device_metrics = self.pending
+        self.pending = None
+        values = host_metrics(jax.device_get(device_metrics), self.num_dense)
+        now = time.perf_counter()
+        step_time = (now - self.last_time) / max(step - self.last_step, 1)
+        values.update(throughput(step_time, self.tokens_per_step, self.flops, self.peak,
+                                 jax.device_count()))
+        self.last_step, self.last_time = step, now
+        self.write(step, values)
+        self.bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+
+    def restart_clock(self, step: int) -> None:
+        """Starts the next step_time interval now, at `step` (after non-training work)."""
+        self.last_step, self.last_time = step, time.perf_counter()
+
+    def write(self, step: int, values: Mapping[str, float]) -> None:
+        self.latest.update(values)
+        self.writer.write(step, values)
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def _start(setup: TrainSetup, cfg: Config, workdir: pathlib.Path, manager: Any,
+           train_it: Any) -> TrainState:
+    """Resumes from the newest complete checkpoint, or initialises a fresh state."""
+    step = manager.latest_step()
+    if step is None:
+        state = init_state(setup, rng_keys(cfg)[0])
+        _say(f"initialised {param_count(state):,} parameters in {workdir}")
+        return state
+    state = checkpoint.restore(manager, step, setup.abstract, train_it)
+    _say(f"resumed from the checkpoint at step {step} in {workdir}")
+    return state
+
+
+def rng_keys(cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """(parameter-init key, seed key of the per-step RNG fold_in(seed_key, step))."""
+    init_key, seed_key = jax.random.split(jax.random.key(cfg.train.seed))
+    return init_key, seed_key
+
+
+def _should_log(done: int, start: int, cfg: Config) -> bool:
+    return done % cfg.train.log_every == 0 or done == start + 1 or done == cfg.train.steps
+
+
+def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any, manager: Any,
+           logger: Logger, validation: Validation) -> TrainState:
+    """The step loop from `state.step` to `train.steps` (see the module docstring)."""
+    t = cfg.train
+    start = int(state.step)
+    train_step = make_train_step(setup, cfg)
+    sharding = batch_sharding(setup.mesh, t.batch_size, t.seq_len)
+    seed_key = rng_keys(cfg)[1]
+    for step in range(start, t.steps):
+        state, metrics = train_step(state, global_batch(next(train_it), sharding), seed_key)
+        done = step + 1
+        if _should_log(done, start, cfg):
+            logger.queue(done, metrics)
+        else:
+            logger.flush()
+        if done % t.save_every == 0 or done == t.steps:
+            checkpoint.save(manager, done, state, train_it, cfg)
+        if t.eval_every and done % t.eval_every == 0 and done < t.steps:
+            logger.flush()
+            logger.write(done, validation(state))
+            logger.restart_clock(done)  # keep validation time out of step_time
+        logger.bar.update(1)
+    logger.flush()
+    return state
+
+
+def _write_config(workdir: pathlib.Path, cfg: Config) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        text = json.dumps(checkpoint.config_dict(cfg), indent=2)
+        (workdir / "config.json").write_text(text + "\n", encoding="utf-8")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str | pathlib.Path,
+                       *, eval_hook: EvalHook | None = None) -> dict[str, float]:
+    """Trains `config` in `workdir` (resuming from its newest checkpoint), then evaluates.
+
+    Returns the last logged train metrics, the final validation metrics
+    (`validation/cross_entropy`, `validation/perplexity`, `validation/bits_per_byte`, when
+    data.validation_fraction > 0), whatever `eval_hook(state, cfg)` returns, and `step`,
+    the final state's step. Raises ValueError (before writing anything) for a bad config,
+    missing or too little data, or a workdir holding another model's checkpoint.
+    """
+    cfg = config if isinstance(config, Config) else resolve(config)
+    workdir = pathlib.Path(workdir)
+    tokenizer, summary = check_inputs(cfg)
+    mesh = make_mesh(cfg.mesh)
+    with use_mesh(mesh):
+        setup = make_setup(cfg, mesh)
+        checkpoint.check_compatible(workdir, cfg)
+        _write_config(workdir, cfg)
+        writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        manager = checkpoint.make_manager(workdir, cfg.train.keep_checkpoints)
+        train_it = moedata.make_train_iterator(
+            cfg.data, tokenizer, cfg.train.seq_len, cfg.train.batch_size,
+            jax.process_index(), jax.process_count())
+        bar = None
+        try:
+            state = _start(setup, cfg, workdir, manager, train_it)
+            bar = tqdm(total=cfg.train.steps, initial=int(state.step), desc="train",
+                       disable=jax.process_index() != 0, dynamic_ncols=True)
+            logger = Logger(cfg, writer, int(state.step), bar)
+            validation = Validation(setup, cfg, tokenizer, summary)
+            state = _train(setup, cfg, state, train_it, manager, logger, validation)
+            final = validation(state)
+            if eval_hook is not None:
+                final.update(eval_hook(state, cfg))
+            logger.write(int(state.step), final)
+            _say(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
+            return {**logger.latest, "step": int(state.step)}
+        finally:
+            if bar is not None:
+                bar.close()
+            checkpoint.close(manager)
+            writer.close()
+            if hasattr(train_it, "close"):
+                train_it.close()

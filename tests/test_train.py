@@ -1,0 +1,208 @@
+"""Training: loss masking, optimizer (mask, schedule), gradient accumulation, train.py."""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, SMALL_MODEL, small_config
+
+import moejax
+from moejax.config import OptimizerConfig, load_config, resolve
+from moejax.train import (decay_mask, flops_per_token, init_state, learning_rate_schedule,
+                          make_setup, make_train_step, target_mask, token_nll,
+                          train_and_evaluate)
+from moejax.train.optimizer import decays
+
+# XLA compiles dominate these tests on 2 CPU cores; a persistent cache shared with the
+# train.py subprocesses makes every program compile once per machine.
+CACHE = os.environ.get("MOEJAX_TEST_JAX_CACHE",
+                       os.path.join(tempfile.gettempdir(), "moejax-test-jax-cache"))
+if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# Training overrides shared by every training test (same shapes -> same compiled programs).
+TRAIN = ["model.vocab_size=384", "train.batch_size=8", "train.seq_len=32", "train.log_every=1",
+         "train.save_every=2", "train.eval_batches=1", "optimizer.warmup_steps=1"]
+METRICS = ["loss", "perplexity", "learning_rate", "grad_norm", "tokens_per_second",
+           "step_time", "mfu", "moe/balance_loss", "moe/z_loss", "moe/dropped_fraction",
+           "moe/bias_norm", "moe/load_max_over_mean/layer_1", "moe/load_max_over_mean/layer_2"]
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for train.py subprocesses: CPU, 8 devices, the shared compile cache."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def train_py_args(workdir: pathlib.Path, *overrides: str) -> list[str]:
+    """`python train.py` with the small test model and `overrides` ('a.b=value')."""
+    flags = [f"--config.{o}" for o in [*SMALL_MODEL, *TRAIN, *overrides]]
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
+            "--workdir", str(workdir), *flags]
+
+
+# ---------------------------------------------------------------------------- loss masking
+
+def test_targets_across_segment_boundaries_and_padding_are_excluded():
+    segment_ids = jnp.array([[1, 1, 1, 2, 2, 0, 0, 0], [3, 3, 3, 3, 3, 3, 4, 4]])
+    expected = np.array([[1, 1, 0, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0, 1]], bool)
+    np.testing.assert_array_equal(target_mask(segment_ids), expected)
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 11, size=(2, 8)).astype(np.int32)
+    logits = rng.normal(size=(2, 8, 11)).astype(np.float32)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -sum(log_p[b, t, tokens[b, t + 1]] for b in range(2) for t in range(7)
+                if expected[b, t])
+    nll, count = token_nll(jnp.asarray(logits), jnp.asarray(tokens), segment_ids)
+    assert int(count) == expected.sum()
+    np.testing.assert_allclose(float(nll), want, rtol=1e-5)
+    # Changing a padding token or a token of the next document's first position leaves it.
+    tokens2 = tokens.copy()
+    tokens2[0, 5:] = 7
+    tokens2[0, 3] = (tokens[0, 3] + 1) % 11
+    nll2, _ = token_nll(jnp.asarray(logits), jnp.asarray(tokens2), segment_ids)
+    np.testing.assert_allclose(float(nll2), float(nll), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------- optimizer
+
+def test_weight_decay_mask_excludes_norms_biases_and_embeddings():
+    cfg = small_config()
+    model = moejax.Transformer(moejax.model_config(cfg.model))
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    mask = decay_mask(boxed["params"], decay_embeddings=False)
+    assert mask["embed"]["embedding"] is False and mask["head"]["kernel"] is False
+    assert mask["final_norm"]["scale"] is False
+    moe = mask["moe_stack"]["layers"]
+    assert moe["attention_norm"]["scale"] is False and moe["ffn_norm"]["scale"] is False
+    assert moe["attention"]["query"] and moe["moe"]["up"] and moe["moe"]["router"]["kernel"]
+    assert mask["dense_stack"]["layers"]["mlp"]["down"]
+    with_embed = decay_mask(boxed["params"], decay_embeddings=True)
+    assert with_embed["embed"]["embedding"] and with_embed["head"]["kernel"]
+    assert not decays(("layers", "mlp"), 2, True)  # a bias inside a scanned stack
+    assert decays(None, 2, False) and not decays(None, 1, False)
+
+
+def test_warmup_cosine_schedule_values():
+    opt = OptimizerConfig(learning_rate=1e-3, warmup_steps=10, end_lr_fraction=0.1)
+    lr = learning_rate_schedule(opt, total_steps=110)
+    cosine = lambda p: 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))  # noqa: E731
+    for step, want in [(0, 0.0), (5, 5e-4), (10, 1e-3), (35, cosine(0.25)), (60, cosine(0.5)),
+                       (110, 1e-4), (200, 1e-4)]:
+        np.testing.assert_allclose(float(lr(step)), want, rtol=1e-5, atol=1e-9, err_msg=step)
+    const = learning_rate_schedule(
+        OptimizerConfig(learning_rate=1e-3, warmup_steps=10, decay="constant"), 110)
+    assert [float(const(s)) for s in (0, 5, 10, 100)] == pytest.approx([0, 5e-4, 1e-3, 1e-3])
+
+
+def _one_step(micro_batches: int, batch: dict) -> tuple[dict, dict]:
+    cfg = resolve(small_config(*TRAIN, "model.num_layers=2", "model.moe.capacity_factor=0",
+                               "optimizer.warmup_steps=0", f"train.micro_batches={micro_batches}"))
+    mesh = moejax.make_mesh(moejax.MeshConfig(data=1), devices=jax.devices()[:1])
+    with moejax.use_mesh(mesh):
+        setup = make_setup(cfg, mesh)
+        state = init_state(setup, jax.random.key(0))
+        state, metrics = make_train_step(setup, cfg)(state, batch, jax.random.key(1))
+    return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def test_gradient_accumulation_over_two_micro_batches_equals_one_batch():
+    rng = np.random.default_rng(0)
+    segment_ids = np.ones((8, 32), np.int32)
+    segment_ids[:, 20:] = 2  # document boundaries, no padding (equal z-loss token counts)
+    segment_ids[::3, 9:] += 1
+    positions = np.zeros_like(segment_ids)
+    batch = {"tokens": rng.integers(0, 256, size=(8, 32)).astype(np.int32),
+             "segment_ids": segment_ids, "positions": positions}
+    full_params, full = _one_step(1, batch)
+    acc_params, acc = _one_step(2, batch)
+    for name in ("loss", "cross_entropy", "grad_norm", "moe/balance_loss", "moe/z_loss"):
+        np.testing.assert_allclose(acc[name], full[name], rtol=2e-5, err_msg=name)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 acc_params, full_params)
+
+
+# ------------------------------------------------------------------------------- configs
+
+def test_small_config_has_the_parameter_count_of_its_docstring():
+    cfg = resolve(load_config(str(ROOT / "configs/small.py")))
+    model = moejax.Transformer(cfg.model)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    assert sum(x.size for x in jax.tree.leaves(abstract["params"])) == 100_786_688
+    assert cfg.model.dtype == "bfloat16" and cfg.model.param_dtype == "float32"
+
+
+def test_dense_baseline_matches_tiny_active_flops_per_token():
+    tiny = resolve(load_config(str(ROOT / "configs/tiny.py")))
+    dense = resolve(load_config(str(ROOT / "configs/dense_baseline.py")))
+    assert dense.model.num_dense_layers == dense.model.num_layers
+    assert dense.model.embed_dim == tiny.model.embed_dim
+    np.testing.assert_allclose(flops_per_token(dense.model, 256),
+                               flops_per_token(tiny.model, 256), rtol=1e-3)
+
+
+# ---------------------------------------------------------------------- entry point, inputs
+
+def test_train_py_writes_config_metrics_tensorboard_and_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.run(train_py_args(workdir, "train.steps=4"), env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["train"]["steps"] == 4 and config["model"]["embed_dim"] == 64
+    assert '"steps": 4' in proc.stdout  # the resolved config is printed
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+    for name in METRICS:
+        assert all(math.isfinite(r[name]) for r in train_records), name
+    assert any("validation/bits_per_byte" in r for r in records)
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "checkpoints" / "4" / "state").is_dir()
+
+
+def test_unknown_command_line_field_is_an_error(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.run(train_py_args(workdir, "train.nope=1"), env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "nope" in proc.stderr
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("path", ["", "missing/*.txt", "empty/*.txt"])
+def test_missing_or_empty_data_path_is_an_error(tmp_path, path):
+    (tmp_path / "empty").mkdir()
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="data.path"):
+        glob = str(tmp_path / path) if path else ""
+        train_and_evaluate(small_config(*TRAIN, "data.source='text'", f"data.path='{glob}'"),
+                           workdir)
+    assert not workdir.exists()
+
+
+def test_corpus_too_small_for_one_batch_is_an_error(tmp_path):
+    for i in range(40):
+        (tmp_path / f"doc{i}.txt").write_text("x = 1\n")
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="0 full batches"):
+        train_and_evaluate(small_config(*TRAIN, "data.source='text'",
+                                        f"data.path='{tmp_path}/*.txt'"), workdir)
+    assert not workdir.exists()
+
+
+def test_vocab_smaller_than_tokenizer_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        train_and_evaluate(small_config(*TRAIN, "model.vocab_size=128"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

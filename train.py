@@ -1,0 +1,69 @@
+"""Train a moejax model: `python train.py --config configs/tiny.py --workdir DIR`.
+
+Any config field can be overridden on the command line with its dotted name
+(`--config.train.steps=100 --config.model.moe.num_experts=16`); the config is locked, so an
+unknown field is an error. A workdir that already holds checkpoints of the same model is
+resumed from its newest complete one. Multi-host: pass `--multihost`, or set
+JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID where JAX cannot detect
+them), and `jax.distributed.initialize()` runs before anything touches a device.
+
+Writes DIR/config.json (the resolved config), DIR/metrics.jsonl, DIR/tensorboard/ and
+DIR/checkpoints/.
+"""
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/tiny.py", "Experiment config file (get_config() -> ConfigDict).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.",
+                               required=True)
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() (auto when "
+    "JAX_COORDINATOR_ADDRESS is set).")
+
+
+def _initialize_distributed() -> None:
+    import jax
+    if _MULTIHOST.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs = {}
+        if os.environ.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        if os.environ.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(**kwargs)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
+        logging.set_verbosity(logging.WARNING)
+    _initialize_distributed()
+    import dataclasses
+
+    import jax
+
+    import moejax.train
+    from moejax.config import resolve
+
+    try:
+        cfg = resolve(_CONFIG.value)
+    except ValueError as e:
+        sys.exit(f"train.py: invalid config: {e}")
+    if jax.process_index() == 0:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
+    try:
+        final = moejax.train.train_and_evaluate(cfg, _WORKDIR.value)
+    except (ValueError, FileNotFoundError) as e:  # bad input: nothing was written
+        sys.exit(f"train.py: {e}")
+    if jax.process_index() == 0:
+        print(json.dumps(final, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
