@@ -585,3 +585,23 @@ def test_plan_cli_json_for_a_v3_style_transformer(capsys):
     out = json.loads(capsys.readouterr().out)
     assert tuple(out) == KEYS and out["mtp_params"] == 0
     assert 0 < out["active_params"] < out["total_params"]
+
+
+def test_banded_window_attention_equals_the_dense_reference():
+    from moejax.model.compressed import banded_sink_attention, sink_attention, window_mask
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 48, 3, 8)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(2, 48, 8)), jnp.float32)
+    entries = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
+    entry_mask = jnp.asarray(rng.random((2, 48, 6)) < 0.5)
+    sinks = jnp.asarray(rng.normal(size=3), jnp.float32)
+    seg = jnp.asarray(np.repeat([[1, 2, 3], [1, 1, 2]], 16, axis=1), jnp.int32)
+    seg = seg.at[0, 20].set(2)  # a boundary inside a block
+
+    @jax.jit
+    def both(q, kv):
+        dense = sink_attention(q, kv, window_mask(seg, 8), sinks, 0.3, entries, entry_mask)
+        return dense, banded_sink_attention(q, kv, seg, 8, sinks, 0.3, entries, entry_mask)
+
+    dense, banded = both(q, kv)
+    np.testing.assert_allclose(banded, dense, atol=1e-5)

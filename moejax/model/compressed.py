@@ -21,8 +21,10 @@ window w form entry w's 2m slots. Entry w is visible from query t iff (w+1)*m <=
 Two RoPE tables: "main" (rope_theta, no scaling) for sliding-only layers, "compress"
 (compress_rope_theta + YaRN, magnitude factor 1) for everything in CSA/HCA layers.
 
-The training forward materialises the [L, L] window logits and the [L, T] compressed logits
-(a reference implementation; a banded kernel is future work). `segment_ids` (packed
+The training forward computes the window in blocks of W (`banded_sink_attention`, O(L*W)
+memory) when L is a multiple of W, else with the dense [L, L] reference
+(`sink_attention`); compressed entries are scored densely, [L, T] (T = L/m), a gathered
+top-k kernel for CSA is future work. `segment_ids` (packed
 documents) restrict the window to the query's document, compressed entries to windows
 inside it, and a CSA entry's previous-window slots to the same document; an entry rotates
 at the `positions` value of its window's first token (w*m for an unpacked row, as HF).
@@ -217,4 +219,45 @@ def sink_attention(q: jax.Array, kv: jax.Array, mask: jax.Array, sinks: jax.Arra
         p = probs[..., start:start + part.shape[-1]]
         out = out + jnp.einsum("BHLS,BSK->BLHK", p, v.astype(jnp.float32))
         start += part.shape[-1]
+    return out.astype(q.dtype)
+
+
+def _pair_blocks(x: jax.Array, block: int) -> jax.Array:
+    """[B, L, ...] -> [B, L/block, 2*block, ...]: each block preceded by the previous one."""
+    b, length = x.shape[:2]
+    cur = x.reshape(b, length // block, block, *x.shape[2:])
+    prev = jnp.concatenate([jnp.zeros_like(cur[:, :1]), cur[:, :-1]], axis=1)
+    return jnp.concatenate([prev, cur], axis=2)
+
+
+def banded_sink_attention(q: jax.Array, kv: jax.Array, segment_ids: jax.Array, window: int,
+                          sinks: jax.Array, scale: float, entries: jax.Array | None = None,
+                          entry_mask: jax.Array | None = None) -> jax.Array:
+    """`sink_attention` with the window mask of `window_mask`, in O(L * W) memory.
+
+    Queries go in blocks of W; block n sees keys of blocks n-1 and n (2W keys), which holds
+    every key of its sliding window. Needs L % W == 0.
+    """
+    b, length, h, k = q.shape
+    nb = length // window
+    qb = q.reshape(b, nb, window, h, k).astype(jnp.float32)
+    kb = _pair_blocks(kv, window).astype(jnp.float32)  # [B, nb, 2W, K]
+    t = jnp.arange(length).reshape(nb, window)[:, :, None]
+    s = (jnp.arange(nb)[:, None] * window - window + jnp.arange(2 * window)[None])[:, None]
+    band = (s <= t) & (s > t - window) & (s >= 0)  # [nb, W, 2W]
+    same = (segment_ids.reshape(b, nb, window)[..., None]
+            == _pair_blocks(segment_ids, window)[:, :, None, :])
+    logits = jnp.where((band[None] & same)[:, None],
+                       jnp.einsum("BNWHK,BNSK->BHNWS", qb, kb) * scale, NEG_INF)
+    parts = [logits.reshape(b, h, length, 2 * window)]
+    if entries is not None and entries.shape[1]:
+        parts.append(jnp.where(entry_mask[:, None], scale * jnp.einsum(
+            "BLHK,BTK->BHLT", q.astype(jnp.float32), entries.astype(jnp.float32)), NEG_INF))
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None], (b, h, length, 1))
+    probs = jax.nn.softmax(jnp.concatenate(parts + [sink], axis=-1), axis=-1)
+    p_window = probs[..., :2 * window].reshape(b, h, nb, window, 2 * window)
+    out = jnp.einsum("BHNWS,BNSK->BNWHK", p_window, kb).reshape(b, length, h, k)
+    if len(parts) > 1:
+        p_entries = probs[..., 2 * window:2 * window + entries.shape[1]]
+        out = out + jnp.einsum("BHLT,BTK->BLHK", p_entries, entries.astype(jnp.float32))
     return out.astype(q.dtype)

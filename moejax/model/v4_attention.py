@@ -19,8 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.model.compressed import (Compressor, entry_segment_mask, entry_visibility,
-                                     rope_inv_freq, rotate_tail, sink_attention, window_mask)
+from moejax.model.compressed import (Compressor, banded_sink_attention, entry_segment_mask,
+                                     entry_visibility, rope_inv_freq, rotate_tail,
+                                     sink_attention, window_mask)
 from moejax.model.hyper import unweighted_rms_norm
 from moejax.model.indexer import Indexer
 from moejax.model.layers import RMSNorm, normal_init
@@ -102,11 +103,22 @@ class V4Attention(nn.Module):
         else:
             entries, entry_mask = self._compressed(x, qr, segment_ids, positions, inv,
                                                    compressor, indexer)
-            o = sink_attention(q, kv, window_mask(segment_ids, a.sliding_window), w["sinks"],
-                               a.head_dim ** -0.5, entries, entry_mask)
+            o = self._core(q, kv, segment_ids, w["sinks"], entries, entry_mask)
         o = rotate_tail(o, positions, inv, inverse=True)
         o = constrain(o, ("act_batch", "act_length", "act_heads", None))
         return grouped_output(o, w["o_a"].astype(dt), w["o_b"].astype(dt))
+
+    def _core(self, q: jax.Array, kv: jax.Array, segment_ids: jax.Array, sinks: jax.Array,
+              entries: jax.Array | None, entry_mask: jax.Array | None) -> jax.Array:
+        """Banded O(L*W) window attention when L is a multiple of W >= 2W, else the dense
+        reference (both give the same numbers)."""
+        a, length = self.cfg, q.shape[1]
+        scale = a.head_dim ** -0.5
+        if length % a.sliding_window == 0 and length >= 2 * a.sliding_window:
+            return banded_sink_attention(q, kv, segment_ids, a.sliding_window, sinks, scale,
+                                         entries, entry_mask)
+        return sink_attention(q, kv, window_mask(segment_ids, a.sliding_window), sinks, scale,
+                              entries, entry_mask)
 
     def _compressed(self, x: jax.Array, qr: jax.Array, segment_ids: jax.Array,
                     positions: jax.Array, inv: Any, compressor: Compressor | None,

@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from moejax.config import DTYPES, REMAT_POLICIES, dataclass_from_dict
-
 LAYER_TYPES = ("sliding", "csa", "hca")
 V4_SCORE_FUNCTIONS = ("sqrtsoftplus", "sigmoid", "softmax")
 V4_DISPATCHES = ("dense", "index")
@@ -171,6 +169,7 @@ def validate_moe(e: V4MoEConfig, num_layers: int, p: str) -> None:
 
 def validate_v4(c: V4Config, prefix: str = "model") -> None:
     """Checks every field; raises ValueError naming the field, the value and the fix."""
+    from moejax.config import DTYPES, REMAT_POLICIES  # noqa: PLC0415 (config may import us)
     _positive(c, prefix, ("vocab_size", "embed_dim", "num_layers", "max_seq_len", "norm_eps",
                           "init_std"))
     _check(c.dtype in DTYPES, f"{prefix}.dtype", c.dtype, f"use one of {list(DTYPES)}.")
@@ -191,6 +190,7 @@ def validate_v4(c: V4Config, prefix: str = "model") -> None:
 
 def v4_config(section: Any, prefix: str = "model") -> V4Config:
     """Builds and validates a V4Config from a dict / ConfigDict (unknown keys raise)."""
+    from moejax.config import dataclass_from_dict  # noqa: PLC0415 (config may import us)
     cfg = dataclass_from_dict(V4Config, section, prefix)
     validate_v4(cfg, prefix)
     return cfg
