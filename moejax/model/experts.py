@@ -37,12 +37,21 @@ def capacity(group_size: int, top_k: int, num_experts: int, capacity_factor: flo
     return max(1, min(group_size, math.ceil(capacity_factor * group_size * top_k / num_experts)))
 
 
-def run_experts(buffers: jax.Array, weights: ExpertWeights) -> jax.Array:
+def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float = 0.0) -> jax.Array:
+    """silu(min(gate, L)) * clip(up, -L, L) (DeepSeek-V4 swiglu_limit); L <= 0: plain SwiGLU."""
+    if limit > 0:
+        gate = jnp.minimum(gate, limit)
+        up = jnp.clip(up, -limit, limit)
+    return jax.nn.silu(gate) * up
+
+
+def run_experts(buffers: jax.Array, weights: ExpertWeights, swiglu_limit: float = 0.0
+                ) -> jax.Array:
     """SwiGLU of every expert on its buffer: [G, E, C, D] -> [G, E, C, D]."""
     gate, up, down = (w.astype(buffers.dtype) for w in weights)
     with jax.named_scope("experts"):
-        h = jax.nn.silu(jnp.einsum("GECD,EDF->GECF", buffers, gate))
-        h = h * jnp.einsum("GECD,EDF->GECF", buffers, up)
+        h = clamped_swiglu(jnp.einsum("GECD,EDF->GECF", buffers, gate),
+                           jnp.einsum("GECD,EDF->GECF", buffers, up), swiglu_limit)
         h = constrain(h, ("act_group", "act_expert", None, "act_mlp"))
         return jnp.einsum("GECF,EFD->GECD", h, down)
 
@@ -76,7 +85,8 @@ def slot_positions_sorted(expert_ids: jax.Array, num_experts: int) -> jax.Array:
 
 
 def index_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
-                   expert_weights: ExpertWeights, capacity_factor: float
+                   expert_weights: ExpertWeights, capacity_factor: float,
+                   swiglu_limit: float = 0.0
                    ) -> tuple[jax.Array, jax.Array]:
     """Gather tokens into [G, E, C, D] by slot -> token indices; gather results back."""
     g, s, d = x.shape
@@ -95,7 +105,7 @@ def index_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: j
         x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
         buffers = jnp.take_along_axis(x_pad, slot_token[:, :trash, None], axis=1)
         buffers = _to_experts(buffers.reshape(g, num_experts, c, d))
-    y = _to_groups(run_experts(buffers, expert_weights))
+    y = _to_groups(run_experts(buffers, expert_weights, swiglu_limit))
     with jax.named_scope("combine"):
         y_pad = jnp.concatenate([y.reshape(g, trash, d), jnp.zeros((g, 1, d), y.dtype)], 1)
         picked = jnp.take_along_axis(y_pad, slot[:, :, None], axis=1)  # [G, T*S, D]
@@ -107,7 +117,8 @@ def index_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: j
 
 
 def einsum_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
-                    expert_weights: ExpertWeights, capacity_factor: float
+                    expert_weights: ExpertWeights, capacity_factor: float,
+                   swiglu_limit: float = 0.0
                     ) -> tuple[jax.Array, jax.Array]:
     """GShard: one-hot dispatch [G,S,E,C] and combine [G,S,E,C] tensors, contracted."""
     g, s, _ = x.shape
@@ -125,7 +136,7 @@ def einsum_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: 
         combine = jnp.einsum("GTSE,GTSC,GST->GSEC", expert_1h.astype(x.dtype), slot_1h,
                              weights.astype(x.dtype))
         buffers = _to_experts(jnp.einsum("GSEC,GSD->GECD", dispatch, x))
-    y = _to_groups(run_experts(buffers, expert_weights))
+    y = _to_groups(run_experts(buffers, expert_weights, swiglu_limit))
     with jax.named_scope("combine"):
         out = jnp.einsum("GSEC,GECD->GSD", combine, y)
     dropped = (real & ~keep).sum()
@@ -133,7 +144,8 @@ def einsum_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: 
 
 
 def dense_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
-                   expert_weights: ExpertWeights, capacity_factor: float
+                   expert_weights: ExpertWeights, capacity_factor: float,
+                   swiglu_limit: float = 0.0
                    ) -> tuple[jax.Array, jax.Array]:
     """Oracle: all experts on all tokens, weighted by the (sparse) top-k gates. Never drops."""
     del capacity_factor
@@ -141,7 +153,8 @@ def dense_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: j
     gates = (jax.nn.one_hot(indices, gate.shape[0], dtype=x.dtype)
              * weights.astype(x.dtype)[..., None]).sum(-2)  # [G, S, E]
     gates = gates * mask[..., None].astype(x.dtype)
-    h = jax.nn.silu(jnp.einsum("GSD,EDF->GSEF", x, gate)) * jnp.einsum("GSD,EDF->GSEF", x, up)
+    h = clamped_swiglu(jnp.einsum("GSD,EDF->GSEF", x, gate),
+                       jnp.einsum("GSD,EDF->GSEF", x, up), swiglu_limit)
     y = jnp.einsum("GSEF,EFD->GSED", h, down)
     return jnp.einsum("GSED,GSE->GSD", y, gates), jnp.zeros((), jnp.int32)
 

@@ -12,20 +12,18 @@
 (not `params`: no gradient, no optimizer state). At init it holds k distinct random experts
 per token; imported checkpoints overwrite it. Hash layers ignore the balance bias.
 
-The clamp needs a hook inside the expert SwiGLU, which experts.py's `run_experts` does not
-have yet; `DISPATCH` below holds local clamped twins of experts.py's "dense" and "index"
-strategies (same contract, plus `swiglu_limit`). Once experts.py takes a `swiglu_limit`
-argument these become thin calls into it.
+The clamp lives in experts.py (`clamped_swiglu`, the `swiglu_limit` argument of every
+dispatch strategy), so V4 layers use the same dispatch strategies as the rest.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.model.experts import capacity, choice_major, slot_positions_sorted
+from moejax.model.experts import DISPATCH, clamped_swiglu
 from moejax.model.layers import normal_init
 from moejax.model.moe import group_size_for
 from moejax.model.router import Routing, routing_stats, select_experts
@@ -51,14 +49,6 @@ def v4_score(logits: jax.Array, score_fn: str) -> jax.Array:
     raise ValueError(f"unknown score_fn {score_fn!r}")
 
 
-def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
-    """silu(min(gate, L)) * clip(up, -L, L); limit <= 0 disables the clamp."""
-    if limit > 0:
-        gate = jnp.minimum(gate, limit)
-        up = jnp.clip(up, -limit, limit)
-    return jax.nn.silu(gate) * up
-
-
 def hash_routing(scores: jax.Array, table: jax.Array, tokens: jax.Array, renormalize: bool,
                  scale: float) -> tuple[jax.Array, jax.Array]:
     """Experts fixed by tid2eid[token]; weights from the scores of those experts."""
@@ -76,64 +66,6 @@ def random_tid2eid(key: jax.Array, vocab_size: int, num_experts: int, top_k: int
     return jnp.argsort(noise, axis=-1)[:, :top_k].astype(jnp.int32)
 
 
-# ----------------------------------------------------------------------------- dispatch
-
-def run_experts_clamped(buffers: jax.Array, weights: ExpertWeights, limit: float
-                        ) -> jax.Array:
-    """Clamped SwiGLU of every expert on its buffer: [G, E, C, D] -> [G, E, C, D]."""
-    gate, up, down = (w.astype(buffers.dtype) for w in weights)
-    h = clamped_swiglu(jnp.einsum("GECD,EDF->GECF", buffers, gate),
-                       jnp.einsum("GECD,EDF->GECF", buffers, up), limit)
-    h = constrain(h, ("act_group", "act_expert", None, "act_mlp"))
-    return jnp.einsum("GECF,EFD->GECD", h, down)
-
-
-def dense_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
-                   expert_weights: ExpertWeights, capacity_factor: float, swiglu_limit: float
-                   ) -> tuple[jax.Array, jax.Array]:
-    """Oracle: every expert on every token, gated by the sparse top-k weights."""
-    del capacity_factor
-    gate, up, down = (w.astype(x.dtype) for w in expert_weights)
-    gates = (jax.nn.one_hot(indices, gate.shape[0], dtype=x.dtype)
-             * weights.astype(x.dtype)[..., None]).sum(-2) * mask[..., None].astype(x.dtype)
-    h = clamped_swiglu(jnp.einsum("GSD,EDF->GSEF", x, gate), jnp.einsum("GSD,EDF->GSEF", x, up),
-                       swiglu_limit)
-    y = jnp.einsum("GSEF,EFD->GSED", h, down)
-    return jnp.einsum("GSED,GSE->GSD", y, gates), jnp.zeros((), jnp.int32)
-
-
-def index_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
-                   expert_weights: ExpertWeights, capacity_factor: float, swiglu_limit: float
-                   ) -> tuple[jax.Array, jax.Array]:
-    """experts.index_dispatch (gather into [G, E, C, D] buffers) with the clamp."""
-    g, s, d = x.shape
-    num_experts, top_k = expert_weights[0].shape[0], indices.shape[-1]
-    c = capacity(s, top_k, num_experts, capacity_factor)
-    real = jnp.broadcast_to(mask[:, None, :], (g, top_k, s)).reshape(g, -1) > 0
-    ids = jnp.where(real, choice_major(indices), num_experts)
-    pos = slot_positions_sorted(ids, num_experts)
-    keep = real & (pos < c)
-    trash = num_experts * c
-    slot = jnp.where(keep, ids * c + pos, trash)  # [G, T*S]
-    token = jnp.tile(jnp.arange(s, dtype=jnp.int32), top_k)
-    slot_token = jnp.full((g, trash + 1), s, jnp.int32)
-    slot_token = slot_token.at[jnp.arange(g)[:, None], slot].set(token[None, :])
-    x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
-    buffers = jnp.take_along_axis(x_pad, slot_token[:, :trash, None], axis=1)
-    buffers = constrain(buffers.reshape(g, num_experts, c, d),
-                        ("act_group", "act_expert", None, "act_embed"))
-    y = run_experts_clamped(buffers, expert_weights, swiglu_limit)
-    y = constrain(y, ("act_batch", None, None, "act_embed"))
-    y_pad = jnp.concatenate([y.reshape(g, trash, d), jnp.zeros((g, 1, d), y.dtype)], 1)
-    picked = jnp.take_along_axis(y_pad, slot[:, :, None], axis=1).reshape(g, top_k, s, d)
-    out = (picked * jnp.swapaxes(weights, 1, 2).astype(y.dtype)[..., None]).sum(axis=1)
-    return out, (real & ~keep).sum()
-
-
-DISPATCH: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
-    "dense": dense_dispatch,
-    "index": index_dispatch,
-}
 
 
 # ----------------------------------------------------------------------------- modules
