@@ -7,19 +7,47 @@ resumed from its newest complete one. Multi-host: pass `--multihost`, or set
 JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID where JAX cannot detect
 them), and `jax.distributed.initialize()` runs before anything touches a device.
 
-Writes DIR/config.json (the resolved config), DIR/metrics.jsonl, DIR/tensorboard/ and
-DIR/checkpoints/.
+Writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/ and DIR/checkpoints/. Bad input
+(config, data, an incompatible workdir) exits with status 1 and one line saying what to
+fix, before anything is written.
 """
+import dataclasses
 import json
 import os
+import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/tiny.py", "Experiment config file (get_config() -> ConfigDict).",
-    lock_config=True)
+import moejax.train
+from moejax.config import apply_overrides, load_config_file, resolve
+
+DEFAULT_CONFIG = "configs/tiny.py"
+
+
+def _bad_override(argv: list[str], error: Exception) -> str:
+    """The unknown --config.* field named as moejax.config.apply_overrides words it."""
+    path = DEFAULT_CONFIG
+    for i, arg in enumerate(argv):
+        if re.match(r"^--?config(=|$)", arg):
+            path = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
+    overrides = [a.split(".", 1)[1] for a in argv if re.match(r"^--?config\.", a)]
+    try:
+        apply_overrides(load_config_file(path), [o if "=" in o else f"{o}=True"
+                                                 for o in overrides])
+    except (ValueError, FileNotFoundError) as e:
+        return str(e)
+    return f"bad --config override: {error}"
+
+
+try:  # without --config the default file and its overrides are parsed right here
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Experiment config file (get_config() -> ConfigDict).",
+        lock_config=True)
+except (AttributeError, KeyError) as _error:
+    sys.exit(f"train.py: {_bad_override(sys.argv, _error)}")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.",
                                required=True)
 _MULTIHOST = flags.DEFINE_bool(
@@ -27,8 +55,15 @@ _MULTIHOST = flags.DEFINE_bool(
     "JAX_COORDINATOR_ADDRESS is set).")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # an unknown field in a locked config
+        sys.exit(f"train.py: {_bad_override(argv, e)}")
+
+
 def _initialize_distributed() -> None:
-    import jax
+    """jax.distributed.initialize() when asked (--multihost) or configured by env vars."""
     if _MULTIHOST.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         kwargs = {}
         if os.environ.get("JAX_NUM_PROCESSES"):
@@ -44,13 +79,6 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
     _initialize_distributed()
-    import dataclasses
-
-    import jax
-
-    import moejax.train
-    from moejax.config import resolve
-
     try:
         cfg = resolve(_CONFIG.value)
     except ValueError as e:
@@ -66,4 +94,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -2,6 +2,10 @@
 
 One dense layer, then MoE layers of fine-grained routed experts plus one shared expert,
 byte-level tokens from the built-in corpus (the Python standard library's sources).
+1.44M parameters (0.73M active per token), 5.9 MFLOPs per token for training at
+seq_len 256 (`python -m moejax.plan --config configs/tiny.py`).
+
+    python train.py --config configs/tiny.py --workdir /tmp/tiny
 """
 import ml_collections
 
@@ -12,13 +16,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     cfg.model = model = ml_collections.ConfigDict()
     model.vocab_size = 384  # byte tokenizer (259 ids), padded to a multiple of 128
-    model.embed_dim = 256  # D
+    model.embed_dim = 128  # D (256 ran 2.3x slower per token on 2 CPU cores)
     model.num_layers = 4  # 1 dense + 3 MoE
     model.num_dense_layers = 1  # DeepSeek first_k_dense_replace
     model.num_heads = 4
     model.num_kv_heads = 2  # grouped-query attention
-    model.head_dim = 64
-    model.mlp_hidden = 768  # dense FFN width
+    model.head_dim = 32
+    model.mlp_hidden = 384  # dense FFN width
     model.max_seq_len = 1024
     model.norm_eps = 1e-6
     model.tie_embeddings = False
@@ -43,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.moe = moe = ml_collections.ConfigDict()
     moe.num_experts = 8  # E fine-grained routed experts
     moe.top_k = 2  # T
-    moe.expert_hidden = 192  # F
+    moe.expert_hidden = 96  # F
     moe.num_shared_experts = 1
     moe.score_fn = "sigmoid"  # DeepSeek-V3 scoring
     moe.renormalize = True
@@ -55,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     moe.group_size = 512
     moe.balance_loss_coef = 1e-4  # small sequence-wise loss beside the bias balancing
     moe.z_loss_coef = 1e-4
-    moe.bias_update_rate = 1e-3
+    moe.bias_update_rate = 1e-2  # fast enough to rebalance within a few hundred steps
 
     cfg.mesh = mesh = ml_collections.ConfigDict()
     mesh.data = -1  # every device replicates (one CPU device by default)

@@ -12,7 +12,7 @@ from moejax.model.transformer import Transformer
 
 def _init(cfg, tokens):
     model = Transformer(moejax.model_config(cfg.model))
-    return model, nn.unbox(model.init(jax.random.key(0), tokens))
+    return model, nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens))
 
 
 def _tokens(b=2, length=32, seed=1):
@@ -23,9 +23,10 @@ def test_changing_token_t_changes_no_earlier_logit():
     cfg = small_config("model.moe.capacity_factor=0.0")
     tokens = _tokens()
     model, v = _init(cfg, tokens)
-    base, _ = model.apply(v, tokens)
+    apply = jax.jit(model.apply)
+    base, _ = apply(v, tokens)
     t = 20
-    changed, _ = model.apply(v, tokens.at[:, t].set((tokens[:, t] + 1) % 128))
+    changed, _ = apply(v, tokens.at[:, t].set((tokens[:, t] + 1) % 128))
     np.testing.assert_array_equal(changed[:, :t], base[:, :t])
     assert float(jnp.abs(changed[:, t:] - base[:, t:]).max()) > 1e-4
 
@@ -36,11 +37,12 @@ def test_packed_documents_do_not_see_each_other():
     seg = jnp.asarray([[1] * 12 + [2] * 20])
     pos = jnp.asarray([list(range(12)) + list(range(20))])
     model, v = _init(cfg, tokens)
-    packed, _ = model.apply(v, tokens, seg, pos)
-    alone, _ = model.apply(v, tokens[:, 12:])
+    apply = jax.jit(model.apply)
+    packed, _ = apply(v, tokens, seg, pos)
+    alone, _ = apply(v, tokens[:, 12:])
     np.testing.assert_allclose(packed[:, 12:], alone, atol=2e-5)
     other = tokens.at[:, :12].set((tokens[:, :12] + 7) % 128)
-    packed2, _ = model.apply(v, other, seg, pos)
+    packed2, _ = apply(v, other, seg, pos)
     np.testing.assert_allclose(packed2[:, 12:], packed[:, 12:], atol=2e-5)
 
 
@@ -50,7 +52,7 @@ def _loss_and_grads(model, variables, tokens):
     def loss(params):
         logits, aux = model.apply({**variables, "params": params}, tokens)
         return jnp.mean(logits * probe) + aux["moe_loss"], logits
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
     return logits, grads
 
 
@@ -95,7 +97,7 @@ def test_remat_gives_same_outputs_and_gradients(policy):
 def test_aux_reports_per_layer_moe_statistics():
     tokens = _tokens()
     model, v = _init(small_config("model.moe.capacity_factor=0.5"), tokens)
-    _, aux = model.apply(v, tokens)
+    _, aux = jax.jit(model.apply)(v, tokens)
     assert aux["expert_load"].shape == (2, 8)
     np.testing.assert_allclose(aux["expert_load"].sum(-1), 1.0, rtol=1e-6)
     assert aux["balance_loss"].shape == aux["z_loss"].shape == (2,)
@@ -108,12 +110,12 @@ def test_cached_decoding_equals_the_full_forward(scan):
     cfg = small_config("model.moe.capacity_factor=0.0", f"model.scan_layers={scan}")
     tokens = _tokens(2, 24)
     model, v = _init(cfg, tokens)
-    full, _ = model.apply(v, tokens)
+    full, _ = jax.jit(model.apply)(v, tokens)
     decoder = Transformer(moejax.model_config(cfg.model), decode=True)
     prompt = 10
     positions = jnp.broadcast_to(jnp.arange(prompt), (2, prompt))
-    (logits, _), state = decoder.apply(v, tokens[:, :prompt], positions=positions,
-                                       mutable=["cache"])
+    (logits, _), state = jax.jit(lambda v, t, p: decoder.apply(
+        v, t, positions=p, mutable=["cache"]))(v, tokens[:, :prompt], positions)
     steps = [logits]
     step = jax.jit(lambda v, t, p: decoder.apply(v, t, positions=p, mutable=["cache"]))
     for t in range(prompt, tokens.shape[1]):
