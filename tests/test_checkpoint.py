@@ -86,6 +86,7 @@ def test_incompatible_model_config_is_refused_and_nothing_is_touched(trained):
     assert _tree_snapshot(workdir) == before
 
 
+@pytest.mark.slow  # ~45 s: a subprocess run killed mid-training, then resumed
 def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(tmp_path):
     workdir = tmp_path / "run"
     log = tmp_path / "stderr.txt"

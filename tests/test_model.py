@@ -61,7 +61,7 @@ def _unstack(stacked_stack, n):
             for i in range(n)}
 
 
-@pytest.mark.parametrize("dispatch", ["index", "einsum"])
+@pytest.mark.parametrize("dispatch", ["index", pytest.param("einsum", marks=pytest.mark.slow)])
 def test_scan_and_unrolled_give_same_outputs_and_gradients(dispatch):
     tokens = _tokens()
     scan_model, v = _init(small_config(f"model.moe.dispatch='{dispatch}'"), tokens)
@@ -82,7 +82,8 @@ def test_scan_and_unrolled_give_same_outputs_and_gradients(dispatch):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "save_moe"])
+@pytest.mark.parametrize("policy", ["dots", pytest.param("full", marks=pytest.mark.slow),
+                                    pytest.param("save_moe", marks=pytest.mark.slow)])
 def test_remat_gives_same_outputs_and_gradients(policy):
     tokens = _tokens()
     model, v = _init(small_config(), tokens)

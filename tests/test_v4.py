@@ -465,6 +465,7 @@ def test_cached_decoding_equals_the_full_forward():
     assert diff < 1e-4
 
 
+@pytest.mark.slow  # ~40 s: compiles the V4 gradient twice
 def test_scanned_layers_equal_unrolled_and_train():
     """Runs of repeated layer kinds are scanned; same numbers; gradients finite."""
     from moejax.config import load_config_file
