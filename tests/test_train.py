@@ -170,6 +170,17 @@ def test_train_py_writes_config_metrics_tensorboard_and_checkpoint(tmp_path):
     assert any("validation/bits_per_byte" in r for r in records)
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert (workdir / "checkpoints" / "4" / "state").is_dir()
+    args = train_py_args(workdir, "train.steps=4")
+    args[1] = str(ROOT / "eval.py")
+    proc = subprocess.run([*args, "--max_new_tokens=8", "--num_batches=2"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((workdir / "eval.json").read_text())
+    assert {"step", "loss", "perplexity", "bits_per_byte", "expert_load",
+            "samples"} <= set(result)
+    assert result["step"] == 4 and math.isfinite(result["bits_per_byte"])
+    assert len(result["expert_load"]) == 2 and len(result["samples"]) == 2
+    assert "bits per byte" in proc.stdout
 
 
 def test_unknown_command_line_field_is_an_error(tmp_path):

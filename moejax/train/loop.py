@@ -19,7 +19,6 @@ Order of work, so that a bad input fails before anything is written:
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import time
 from typing import Any, Callable, Mapping
@@ -36,7 +35,7 @@ from moejax.train import checkpoint
 from moejax.train.metrics import (MetricsWriter, flops_per_token, host_metrics,
                                   peak_flops_per_device, throughput)
 from moejax.train.state import TrainSetup, TrainState, init_state, make_setup, param_count
-from moejax.train.step import batch_sharding, make_eval_step, make_train_step, target_mask
+from moejax.train.step import batch_sharding, make_train_step
 
 EvalHook = Callable[[TrainState, Config], Mapping[str, float]]
 
@@ -59,43 +58,6 @@ def global_batch(host_batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sh
     """This host's rows -> one global jax.Array per field, laid out by `sharding`."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in host_batch.items()}
-
-
-class Validation:
-    """Held-out cross-entropy and bits per byte over up to `train.eval_batches` batches."""
-
-    def __init__(self, setup: TrainSetup, cfg: Config, tokenizer: moedata.Tokenizer,
-                 summary: moedata.DataSummary):
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.num_batches = min(cfg.train.eval_batches, summary.validation_batches)
-        self.sharding = batch_sharding(setup.mesh, cfg.train.batch_size, cfg.train.seq_len)
-        self.step = make_eval_step(setup, cfg.train.batch_size, cfg.train.seq_len)
-
-    def target_bytes(self, host_batch: Mapping[str, np.ndarray]) -> int:
-        """UTF-8 bytes of this host's counted targets (the bits-per-byte denominator)."""
-        mask = target_mask(np.asarray(host_batch["segment_ids"]))  # numpy in, numpy out
-        return moedata.decoded_num_bytes(self.tokenizer, host_batch["tokens"][:, 1:][mask])
-
-    def __call__(self, state: TrainState) -> dict[str, float]:
-        if self.num_batches == 0:
-            return {}
-        t = self.cfg.train
-        it = moedata.make_eval_iterator(self.cfg.data, self.tokenizer, t.seq_len, t.batch_size,
-                                        jax.process_index(), jax.process_count())
-        nll = count = 0.0
-        num_bytes = 0
-        for _ in range(self.num_batches):
-            host = next(it)
-            out = jax.device_get(self.step(state, global_batch(host, self.sharding)))
-            nll, count = nll + float(out["nll"]), count + float(out["count"])
-            num_bytes += self.target_bytes(host)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            num_bytes = int(np.sum(multihost_utils.process_allgather(np.int64(num_bytes))))
-        ce = nll / max(count, 1.0)
-        return {"validation/cross_entropy": ce,
-                "validation/perplexity": math.exp(min(ce, 80.0)),
-                "validation/bits_per_byte": nll / math.log(2) / max(num_bytes, 1)}
 
 
 class Logger:
@@ -169,7 +131,7 @@ def _should_log(done: int, start: int, cfg: Config) -> bool:
 
 
 def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any, manager: Any,
-           logger: Logger, validation: Validation) -> TrainState:
+           logger: Logger, validation: Any) -> TrainState:
     """The step loop from `state.step` to `train.steps` (see the module docstring)."""
     t = cfg.train
     start = int(state.step)
@@ -230,7 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
             bar = tqdm(total=cfg.train.steps, initial=int(state.step), desc="train",
                        disable=jax.process_index() != 0, dynamic_ncols=True)
             logger = Logger(cfg, writer, int(state.step), bar)
-            validation = Validation(setup, cfg, tokenizer, summary)
+            from moejax.eval.heldout import HeldOut  # moejax.eval imports this module
+            validation = HeldOut(setup, cfg, tokenizer, min(cfg.train.eval_batches,
+                                                            summary.validation_batches))
             state = _train(setup, cfg, state, train_it, manager, logger, validation)
             final = validation(state)
             if eval_hook is not None:
