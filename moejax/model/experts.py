@@ -25,6 +25,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from moejax.model.layers import clamped_swiglu
 from moejax.sharding import constrain
 
 ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up [E,D,F]; down [E,F,D]
@@ -35,14 +36,6 @@ def capacity(group_size: int, top_k: int, num_experts: int, capacity_factor: flo
     if capacity_factor <= 0:
         return group_size
     return max(1, min(group_size, math.ceil(capacity_factor * group_size * top_k / num_experts)))
-
-
-def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float = 0.0) -> jax.Array:
-    """silu(min(gate, L)) * clip(up, -L, L) (DeepSeek-V4 swiglu_limit); L <= 0: plain SwiGLU."""
-    if limit > 0:
-        gate = jnp.minimum(gate, limit)
-        up = jnp.clip(up, -limit, limit)
-    return jax.nn.silu(gate) * up
 
 
 def run_experts(buffers: jax.Array, weights: ExpertWeights, swiglu_limit: float = 0.0

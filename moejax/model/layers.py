@@ -67,10 +67,12 @@ class LMHead(nn.Module):
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """down(silu(x @ gate) * (x @ up)) for x [..., D] and weights [D, F], [D, F], [F, D]."""
-    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
-    return h @ w_down
+def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float = 0.0) -> jax.Array:
+    """silu(min(gate, L)) * clip(up, -L, L) (DeepSeek-V4 swiglu_limit); L <= 0: plain SwiGLU."""
+    if limit > 0:
+        gate = jnp.minimum(gate, limit)
+        up = jnp.clip(up, -limit, limit)
+    return jax.nn.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -79,6 +81,7 @@ class MLP(nn.Module):
     init_std: float = 0.02
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    swiglu_limit: float = 0.0  # DeepSeek-V4 clamp; 0 = plain SwiGLU
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -89,6 +92,6 @@ class MLP(nn.Module):
         w_down = self.param("down", normal_init(self.init_std, ("mlp", "embed")),
                             (self.hidden, d), self.param_dtype)
         dt = self.dtype
-        h = jax.nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
+        h = clamped_swiglu(x @ w_gate.astype(dt), x @ w_up.astype(dt), self.swiglu_limit)
         h = constrain(h, ("act_batch", "act_length", "act_mlp"))
         return h @ w_down.astype(dt)

@@ -12,7 +12,7 @@
 (not `params`: no gradient, no optimizer state). At init it holds k distinct random experts
 per token; imported checkpoints overwrite it. Hash layers ignore the balance bias.
 
-The clamp lives in experts.py (`clamped_swiglu`, the `swiglu_limit` argument of every
+The clamp lives in layers.py (`clamped_swiglu`, used by `MLP` and by the `swiglu_limit` argument of every
 dispatch strategy), so V4 layers use the same dispatch strategies as the rest.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.model.experts import DISPATCH, clamped_swiglu
-from moejax.model.layers import normal_init
+from moejax.model.experts import DISPATCH
+from moejax.model.layers import MLP, normal_init
 from moejax.model.moe import group_size_for
 from moejax.model.router import Routing, routing_stats, select_experts
 from moejax.model.v4_config import V4MoEConfig
@@ -69,27 +69,6 @@ def random_tid2eid(key: jax.Array, vocab_size: int, num_experts: int, top_k: int
 
 
 # ----------------------------------------------------------------------------- modules
-
-class ClampedMLP(nn.Module):
-    """Shared expert: clamped SwiGLU D -> F -> D (params gate, up [D, F], down [F, D])."""
-    hidden: int
-    swiglu_limit: float
-    init_std: float = 0.02
-    dtype: DType = jnp.float32
-    param_dtype: DType = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        d, dt = x.shape[-1], self.dtype
-        init_in = normal_init(self.init_std, ("embed", "mlp"))
-        w_gate = self.param("gate", init_in, (d, self.hidden), self.param_dtype)
-        w_up = self.param("up", init_in, (d, self.hidden), self.param_dtype)
-        w_down = self.param("down", normal_init(self.init_std, ("mlp", "embed")),
-                            (self.hidden, d), self.param_dtype)
-        h = clamped_swiglu(x @ w_gate.astype(dt), x @ w_up.astype(dt), self.swiglu_limit)
-        h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-        return h @ w_down.astype(dt)
-
 
 class V4Router(nn.Module):
     """fp32 scorer [D, E]; learned top-k on scores + bias, or the frozen hash table."""
@@ -150,8 +129,8 @@ class V4MoE(nn.Module):
             mask.reshape(g, s), weights, cfg.capacity_factor, cfg.swiglu_limit)
         y = routed.reshape(b, length, d)
         if cfg.num_shared_experts:
-            y = y + ClampedMLP(cfg.num_shared_experts * f, cfg.swiglu_limit, self.init_std,
-                               self.dtype, self.param_dtype, name="shared")(x)
+            y = y + MLP(cfg.num_shared_experts * f, self.init_std, self.dtype,
+                        self.param_dtype, cfg.swiglu_limit, name="shared")(x)
         stats = routing_stats(routing, mask)
         stats["dropped_fraction"] = dropped / jnp.maximum(mask.sum() * cfg.top_k, 1)
         return constrain(y, ("act_batch", "act_length", "act_embed")), stats
