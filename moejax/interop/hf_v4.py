@@ -14,6 +14,9 @@ Dequantisation on load: an FP8 e4m3 weight with a `.scale` (e8m0, 128x128 blocks
 two per byte (low nibble first) with an e8m0 scale per 32 input columns. e8m0 scales given
 as raw uint8 bytes mean 2^(b - 127); float scales multiply directly.
 
+Export (`save`, the inverse, in hf_v4_export.py) writes the `save_pretrained` naming (3)
+and a config.json that `DeepseekV4ForCausalLM.from_pretrained` loads.
+
 Layout: torch Linear weights are [out, in]; moejax kernels [in, out], split per head
 (q_b [dq, H, dh]) or per group (o_a [g, H/g*dh, r], o_b [g, r, D]). Layers are placed by
 `v4.layer_location` (works for unrolled and scanned stacks).
@@ -31,6 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from moejax.interop.hf_v4_config import v4_config_from_hf
+from moejax.interop.hf_v4_export import save  # noqa: F401  (hf_v4.save, as hf.save for V3)
 from moejax.model.v4 import TransformerV4, layer_location
 from moejax.model.v4_config import V4Config
 
