@@ -71,6 +71,8 @@ def _model(full: bool) -> ml_collections.ConfigDict:
     moe.capacity_factor = 1.25 if full else 1.5  # DeepSeek trains dropless (0 = no drops)
     moe.dispatch = "index"  # gather/scatter dispatch
     moe.group_size = 512  # tokens per dispatch group
+    moe.expert_parallel = "gspmd"  # or "shard_map": explicit expert-parallel transport
+    moe.expert_transport = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto"
     moe.balance_loss_coef = 1e-4  # paper: sequence-wise balance loss alpha = 0.0001
     moe.z_loss_coef = 0.0  # not used by DeepSeek-V3
     moe.bias_update_rate = 1e-3  # paper: gamma = 0.001 (aux-loss-free balancing)

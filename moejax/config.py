@@ -15,6 +15,8 @@ import ml_collections
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DISPATCHES = ("dense", "einsum", "index")
+EXPERT_PARALLEL = ("gspmd", "shard_map")  # who moves tokens to experts (see MoEConfig)
+EXPERT_TRANSPORTS = ("auto", "all_gather", "ragged")  # shard_map transports
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe")
 ROPE_STYLES = ("half", "interleaved")
 ATTENTION_TYPES = ("gqa", "mla")
@@ -49,6 +51,8 @@ class MoEConfig:
     capacity_factor: float = 1.25  # C = ceil(cf * tokens_per_group * T / E); <= 0 = no drops
     dispatch: str = "index"  # "index" (gather/scatter), "einsum" (GShard one-hot), "dense" (oracle)
     group_size: int = 512  # tokens per dispatch group (capacity is per group)
+    expert_parallel: str = "gspmd"  # "gspmd" (GSPMD all-to-all) or "shard_map" (expert_parallel.py)
+    expert_transport: str = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto" by platform
     balance_loss_coef: float = 0.0  # sequence-wise balance loss coefficient (0 disables)
     z_loss_coef: float = 0.0  # router z-loss coefficient (0 disables)
     bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias += rate * sign(mean - load)
@@ -258,6 +262,11 @@ def validate_moe(e: MoEConfig) -> None:
            "must be >= 0.")
     _choice("model.moe.score_fn", e.score_fn, SCORE_FUNCTIONS)
     _choice("model.moe.dispatch", e.dispatch, DISPATCHES)
+    _choice("model.moe.expert_parallel", e.expert_parallel, EXPERT_PARALLEL)
+    _choice("model.moe.expert_transport", e.expert_transport, EXPERT_TRANSPORTS)
+    _check(e.expert_parallel == "gspmd" or e.dispatch == "index", "model.moe.dispatch",
+           e.dispatch, "model.moe.expert_parallel='shard_map' computes index dispatch "
+           "per expert shard; set model.moe.dispatch='index' or expert_parallel='gspmd'.")
     _check(e.group_size > 0, "model.moe.group_size", e.group_size, "must be > 0.")
     _check(e.num_groups > 0 and e.num_experts % e.num_groups == 0, "model.moe.num_groups",
            e.num_groups, f"must divide model.moe.num_experts={e.num_experts}.")
@@ -283,6 +292,10 @@ def validate_mesh(mesh: MeshConfig, model: ModelConfig | None = None) -> None:
         _check(model.moe.num_experts % mesh.expert == 0, "model.moe.num_experts",
                model.moe.num_experts, f"must be divisible by mesh.expert={mesh.expert}; "
                "change the expert count or the expert axis size.")
+    if mesh.tensor > 1 and getattr(model.moe, "expert_parallel", "gspmd") == "shard_map":
+        _check(model.moe.expert_hidden % mesh.tensor == 0, "model.moe.expert_hidden",
+               model.moe.expert_hidden, f"must be divisible by mesh.tensor={mesh.tensor} "
+               "with model.moe.expert_parallel='shard_map' (F is split over tensor).")
     if mesh.tensor > 1:  # MLA shards its query heads, GQA its key/value heads
         heads = "num_heads" if model.attention_type == "mla" else "num_kv_heads"
         _check(getattr(model, heads) % mesh.tensor == 0, f"model.{heads}",

@@ -154,6 +154,12 @@ def use_mesh(mesh: Mesh, cfg: Any = None,
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the innermost `use_mesh`, or None outside it."""
+    active = _ACTIVE.get()
+    return None if active is None else active[0]
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `use_mesh`."""
     active = _ACTIVE.get()

@@ -1,7 +1,9 @@
 """DeepSeekMoE feed-forward block: router + routed experts + shared experts.
 
 y = shared(x) + sum_{j in top-k} w_j expert_j(x); the routed sum goes through the dispatch
-strategy named by `MoEConfig.dispatch` (see experts.py).
+strategy named by `MoEConfig.dispatch` (see experts.py), or, with
+`MoEConfig.expert_parallel == "shard_map"` under an active mesh, through the explicit
+expert-parallel transport of expert_parallel.py.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MoEConfig
-from moejax.model.experts import DISPATCH
+from moejax.model.expert_parallel import select_dispatch
 from moejax.model.layers import MLP, normal_init
 from moejax.model.router import Router, routing_stats
 from moejax.sharding import constrain
@@ -57,7 +59,8 @@ class MoE(nn.Module):
         s = group_size_for(b * length, cfg.group_size)
         g = b * length // s
         grouped = constrain(x.reshape(g, s, d), ("act_batch", None, "act_embed"))
-        routed, dropped = DISPATCH[cfg.dispatch](
+        dispatch = select_dispatch(cfg.dispatch, cfg.expert_parallel, cfg.expert_transport)
+        routed, dropped = dispatch(
             grouped, routing.indices.reshape(g, s, -1), routing.weights.reshape(g, s, -1),
             mask.reshape(g, s), weights, cfg.capacity_factor)
         y = routed.reshape(b, length, d)

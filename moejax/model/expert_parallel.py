@@ -1,0 +1,176 @@
+"""Expert parallelism with an explicit transport: a `jax.shard_map` around the routed experts.
+
+The annotation-only path ("gspmd", experts.py) lets GSPMD insert the all-to-all where the
+capacity buffers are constrained to `act_expert`. Here the schedule is written out. With
+n = mesh.expert, each `expert` shard holds E_l = E / n experts (weights [E_l, D, F]; F is
+further split over `tensor` when tensor > 1) and its own tokens [G_l, S, D] (the token
+groups stay split over the batch axes (data, fsdp, expert) exactly as `act_batch` says).
+
+Transport "all_gather" (runs everywhere, the CPU default):
+    xs   = all_gather(x, expert)              [n G_l, S, D]  (tokens + routing of the group)
+    y    = local experts on xs                 [n G_l, S, D]  (pairs of other shards' experts
+                                                               are masked out; zero rows)
+    y    = psum(y, tensor)                     (partial sums over the F slices, if tensor > 1)
+    out  = psum_scatter(y, expert)             [G_l, S, D]    (each token back to its owner)
+The local computation is `index` dispatch restricted to the local experts: the same
+capacity C = ceil(cf * S * T / E), the same choice-major slot order and therefore exactly
+the same dropped pairs as `experts.index_dispatch`; cf <= 0 gives C = S (dropless).
+Per step and direction it moves (n-1) G_l S D values, against ~cf T G_l S D for an
+all-to-all of the capacity buffers: cheaper for small n, dearer for large n.
+
+Transport "ragged" (GPU/TPU; emulated by all-gathers elsewhere, for tests): pairs are
+sorted by destination expert, exchanged with `jax.lax.ragged_all_to_all`, computed with
+`jax.lax.ragged_dot` (sorted grouped matmul) and sent back; see ragged_exchange.py.
+"auto" picks "ragged" on gpu/tpu and "all_gather" on other platforms.
+
+If the token groups do not divide over the expert axis (logical_to_spec then keeps them
+whole on it), each expert shard already holds the whole group: no gather, and the final
+reduce-scatter becomes a psum.
+"""
+from __future__ import annotations
+
+import functools
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from moejax.config import EXPERT_TRANSPORTS
+from moejax.model.experts import (DISPATCH, DispatchFn, ExpertWeights, capacity, choice_major,
+                                  slot_positions_sorted)
+from moejax.model.layers import clamped_swiglu
+from moejax.model.ragged_exchange import ragged_shard
+from moejax.sharding import active_mesh, logical_to_spec
+
+RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_transport(transport: str, mesh: Mesh) -> str:
+    """"auto" -> "ragged" where ragged_all_to_all lowers (gpu/tpu), else "all_gather"."""
+    if transport not in EXPERT_TRANSPORTS:
+        raise ValueError(f"expert transport {transport!r}: use one of {list(EXPERT_TRANSPORTS)}.")
+    if transport != "auto":
+        return transport
+    platform = mesh.devices.flat[0].platform
+    return "ragged" if platform in RAGGED_PLATFORMS else "all_gather"
+
+
+def local_swiglu(buffers: jax.Array, weights: ExpertWeights, swiglu_limit: float
+                 ) -> jax.Array:
+    """SwiGLU of the local experts on their buffers: [G, E_l, C, D] -> [G, E_l, C, D]."""
+    gate, up, down = (w.astype(buffers.dtype) for w in weights)
+    h = clamped_swiglu(jnp.einsum("GECD,EDF->GECF", buffers, gate),
+                       jnp.einsum("GECD,EDF->GECF", buffers, up), swiglu_limit)
+    return jnp.einsum("GECF,EFD->GECD", h, down)
+
+
+def local_index_experts(x: jax.Array, indices: jax.Array, weights: jax.Array,
+                        mask: jax.Array, expert_weights: ExpertWeights, first: jax.Array,
+                        c: int, swiglu_limit: float) -> tuple[jax.Array, jax.Array]:
+    """index dispatch over experts [first, first + E_l) only; other pairs contribute zero.
+
+    x [G, S, D], indices/weights [G, S, T] (global expert ids), mask [G, S]. A pair's slot
+    in its expert's queue only depends on the pairs of that expert, so queueing the
+    non-local pairs behind a virtual expert E_l leaves every local slot as in the global
+    index dispatch. Returns (partial out [G, S, D], dropped local pairs).
+    """
+    g, s, d = x.shape
+    e_local, top_k = expert_weights[0].shape[0], indices.shape[-1]
+    real = jnp.broadcast_to(mask[:, None, :], (g, top_k, s)).reshape(g, -1) > 0
+    local = choice_major(indices) - first  # [G, T*S]
+    mine = real & (local >= 0) & (local < e_local)
+    ids = jnp.where(mine, local, e_local)
+    pos = slot_positions_sorted(ids, e_local)
+    keep = mine & (pos < c)
+    trash = e_local * c
+    slot = jnp.where(keep, ids * c + pos, trash)
+    token = jnp.tile(jnp.arange(s, dtype=jnp.int32), top_k)
+    slot_token = jnp.full((g, trash + 1), s, jnp.int32)
+    slot_token = slot_token.at[jnp.arange(g)[:, None], slot].set(token[None, :])
+    x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
+    buffers = jnp.take_along_axis(x_pad, slot_token[:, :trash, None], axis=1)
+    y = local_swiglu(buffers.reshape(g, e_local, c, d), expert_weights, swiglu_limit)
+    y_pad = jnp.concatenate([y.reshape(g, trash, d), jnp.zeros((g, 1, d), y.dtype)], 1)
+    picked = jnp.take_along_axis(y_pad, slot[:, :, None], axis=1).reshape(g, top_k, s, d)
+    w = jnp.swapaxes(weights, 1, 2).astype(y.dtype)[..., None]  # [G, T, S, 1]
+    return (picked * w).sum(axis=1), (mine & ~keep).sum()
+
+
+def _all_gather_shard(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
+                      gate: jax.Array, up: jax.Array, down: jax.Array, *, c: int,
+                      swiglu_limit: float, gather: bool, tensor: bool,
+                      batch_axes: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
+    """Per-shard body of the all_gather transport (see the module docstring)."""
+    if gather:
+        x, indices, weights, mask = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+                                     for a in (x, indices, weights, mask))
+    first = jax.lax.axis_index("expert") * gate.shape[0]
+    out, dropped = local_index_experts(x, indices, weights, mask, (gate, up, down), first, c,
+                                       swiglu_limit)
+    if tensor:
+        out = jax.lax.psum(out, "tensor")
+    if gather:
+        out = jax.lax.psum_scatter(out, "expert", scatter_dimension=0, tiled=True)
+    else:
+        out = jax.lax.psum(out, "expert")
+    dropped = jax.lax.psum(dropped, tuple(dict.fromkeys((*batch_axes, "expert"))))
+    return out, dropped
+
+
+def _batch_axes(spec: PartitionSpec) -> tuple[str, ...]:
+    axes = spec[0]
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def expert_parallel_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array,
+                             mask: jax.Array, expert_weights: ExpertWeights,
+                             capacity_factor: float, swiglu_limit: float = 0.0, *,
+                             mesh: Mesh, transport: str = "auto"
+                             ) -> tuple[jax.Array, jax.Array]:
+    """The dispatch contract of experts.py, computed per expert shard under shard_map.
+
+    x [G, S, D], indices/weights [G, S, T], mask [G, S], expert weights gate/up [E, D, F],
+    down [E, F, D] -> (out [G, S, D], dropped pairs). Needs E % mesh.expert == 0 and, when
+    mesh.tensor > 1, F % mesh.tensor == 0 (the F slices are summed by a psum over tensor).
+    """
+    g, s, _ = x.shape
+    num_experts, f = expert_weights[0].shape[0], expert_weights[0].shape[-1]
+    n, t = mesh.shape["expert"], mesh.shape["tensor"]
+    if num_experts % n:
+        raise ValueError(f"expert parallelism: num_experts={num_experts} must be divisible "
+                         f"by mesh.expert={n}; change either.")
+    if t > 1 and f % t:
+        raise ValueError(f"expert parallelism: expert_hidden={f} must be divisible by "
+                         f"mesh.tensor={t}; change either.")
+    tok = logical_to_spec(("act_batch", None, None), shape=(g, s, 1), mesh=mesh)
+    batch_axes = _batch_axes(tok)
+    gather = "expert" in batch_axes
+    mode = resolve_transport(transport, mesh)
+    f_axis = "tensor" if t > 1 else None
+    w_in, w_out = PartitionSpec("expert", None, f_axis), PartitionSpec("expert", f_axis, None)
+    if mode == "ragged" and gather:
+        body = functools.partial(ragged_shard, num_experts=num_experts,
+                                 capacity_factor=capacity_factor, swiglu_limit=swiglu_limit,
+                                 tensor=t > 1, batch_axes=batch_axes,
+                                 native=_native_ragged(mesh))
+    else:  # tokens whole on the expert axis: nothing to exchange, the all_gather body psums
+        body = functools.partial(_all_gather_shard, c=capacity(s, indices.shape[-1],
+                                 num_experts, capacity_factor), swiglu_limit=swiglu_limit,
+                                 gather=gather, tensor=t > 1, batch_axes=batch_axes)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, PartitionSpec(*tok[:2]),
+                                                  w_in, w_in, w_out),
+                       out_specs=(tok, PartitionSpec()))
+    return fn(x, indices, weights, mask, *expert_weights)
+
+
+def _native_ragged(mesh: Mesh) -> bool:
+    return mesh.devices.flat[0].platform in RAGGED_PLATFORMS
+
+
+def select_dispatch(dispatch: str, expert_parallel: str = "gspmd", transport: str = "auto"
+                    ) -> DispatchFn:
+    """The dispatch function a MoE layer calls: DISPATCH[dispatch], or this file's shard_map
+    path when expert_parallel == "shard_map" and a mesh is active (`use_mesh`)."""
+    mesh = active_mesh()
+    if expert_parallel != "shard_map" or mesh is None:
+        return DISPATCH[dispatch]
+    return functools.partial(expert_parallel_dispatch, mesh=mesh, transport=transport)

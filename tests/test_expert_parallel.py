@@ -1,0 +1,214 @@
+"""Expert parallelism under shard_map against the dense oracle and the GSPMD path.
+
+Meshes use the 8 fake CPU devices of conftest.py. The "ragged" transport runs with its
+all-gather emulation of ragged_all_to_all (XLA:CPU cannot compile the real collective);
+the native variant is only traced and lowered here.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import small_config
+from jax.sharding import PartitionSpec
+
+import moejax.model.expert_parallel as ep
+from moejax.config import MeshConfig, MoEConfig, resolve
+from moejax.model.experts import DISPATCH
+from moejax.model.moe import MoE
+from moejax.model.ragged_exchange import (ExchangePlan, emulated_ragged_all_to_all,
+                                          exchange_plans)
+from moejax.model.router import select_experts
+from moejax.sharding import make_mesh, use_mesh
+
+G, S, D, E, F, T = 8, 8, 8, 8, 4, 2
+MESHES = {"data4_expert2": (4, 2, 1), "data2_expert4": (2, 4, 1), "expert8": (1, 8, 1),
+          "data2_expert2_tensor2": (2, 2, 2)}
+
+
+def _problem(seed: int = 0, skew: float = 0.0):
+    k = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(k[0], (G, S, D))
+    logits = jax.random.normal(k[1], (G, S, E)) + skew * jnp.arange(E) / E
+    idx, w = select_experts(jax.nn.softmax(logits, -1), jnp.zeros(E), T)
+    weights = tuple(jax.random.normal(k[i], shape) * 0.3 for i, shape in
+                    zip(range(2, 5), [(E, D, F), (E, D, F), (E, F, D)]))
+    mask = jnp.ones((G, S), bool).at[:, -2:].set(False)  # padding at every row's end
+    return x, idx, w, mask, weights
+
+
+def _value_and_grads(fn, x, idx, w, mask, weights, cf: float, limit: float):
+    def loss(x, w, weights):
+        out, dropped = fn(x, idx, w, mask, weights, cf, limit)
+        return jnp.sum(out * jnp.cos(out)), (out, dropped)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, weights)
+
+
+def _sharded(transport: str, sizes: tuple[int, int, int], cf: float = 0.0,
+             limit: float = 0.5, problem: tuple = ()):
+    data, expert, tensor = sizes
+    mesh = make_mesh(MeshConfig(data=data, expert=expert, tensor=tensor))
+    fn = functools.partial(ep.expert_parallel_dispatch, mesh=mesh, transport=transport)
+    with use_mesh(mesh):
+        return _value_and_grads(fn, *(problem or _problem()), cf, limit)
+
+
+def _assert_matches(got, ref):
+    (_, (out, dropped)), grads = got
+    (_, (ref_out, _)), ref_grads = ref
+    assert int(dropped) == 0
+    np.testing.assert_allclose(out, ref_out, atol=2e-5)
+    assert float(jnp.abs(ref_out).max()) > 0.1  # not a comparison between zeros
+    np.testing.assert_array_equal(out[:, -2:], 0.0)  # padding tokens get nothing
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """Dense oracle with the clamp on (limit 0.5 clips many of these pre-activations)."""
+    return _value_and_grads(DISPATCH["dense"], *_problem(), 0.0, 0.5)
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_all_gather_matches_dense_oracle_values_and_grads(mesh, oracle):
+    _assert_matches(_sharded("all_gather", MESHES[mesh]), oracle)
+
+
+@pytest.mark.parametrize("mesh", ["data4_expert2", "expert8", pytest.param(
+    "data2_expert2_tensor2", marks=pytest.mark.slow)])
+def test_ragged_emulated_matches_dense_oracle_values_and_grads(mesh, oracle):
+    _assert_matches(_sharded("ragged", MESHES[mesh]), oracle)
+
+
+def test_all_gather_drops_exactly_the_pairs_index_dispatch_drops():
+    problem = _problem(seed=1, skew=4.0)  # skewed routing: high experts overflow at cf=1
+    (_, (out, dropped)), grads = _sharded("all_gather", (2, 4, 1), 1.0, 0.0, problem)
+    (_, (ref, ref_dropped)), ref_grads = _value_and_grads(DISPATCH["index"], *problem, 1.0, 0.0)
+    assert int(dropped) == int(ref_dropped) > 0
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def _numpy_ragged_all_to_all(operands, outputs, plans):
+    """The collective as its docstring writes it, one slice per destination shard."""
+    results = [o.copy() for o in outputs]
+    for src, (op, plan) in enumerate(zip(operands, plans)):
+        for dst in range(len(operands)):
+            start, size = int(plan.input_offsets[dst]), int(plan.send_sizes[dst])
+            at = int(plan.output_offsets[dst])
+            assert size == int(plans[dst].recv_sizes[src])  # the sizes agree pairwise
+            results[dst][at:at + size] = op[start:start + size]
+    return results
+
+
+@pytest.mark.parametrize("recv_rows", [None, 5])  # None: dropless (n * P); 5: overflow
+def test_exchange_plans_route_every_pair_to_its_expert_and_back(recv_rows):
+    n, e, pairs = 4, 8, 6
+    rng = np.random.default_rng(0)
+    eids = [np.sort(rng.integers(0, e + 1, pairs)) for _ in range(n)]  # e = padding
+    counts = np.stack([np.bincount(x, minlength=e + 1)[:e] for x in eids])
+    rows = recv_rows or n * pairs
+    plans = [exchange_plans(jnp.asarray(counts), me, rows) for me in range(n)]
+    received = _numpy_ragged_all_to_all(eids, [np.full(rows, -1) for _ in range(n)],
+                                        [p[0] for p in plans])
+    dropped = sum(int(p[2]) for p in plans)
+    for me, got in enumerate(received):
+        assert np.all((got == -1) | (got // (e // n) == me))  # only my experts arrive
+    assert sum(int((got >= 0).sum()) for got in received) == int(counts.sum()) - dropped
+    assert (dropped > 0) == (recv_rows is not None)
+    back = _numpy_ragged_all_to_all(received, [np.full(pairs, -1) for _ in range(n)],
+                                    [p[1] for p in plans])
+    for sent, returned in zip(eids, back):
+        arrived = returned >= 0
+        np.testing.assert_array_equal(returned[arrived], sent[arrived])  # same places
+    lost = sum(int(((r < 0) & (s < e)).sum()) for r, s in zip(back, eids))
+    assert lost == dropped  # the real pairs that did not come back are the dropped ones
+
+
+def test_emulated_ragged_all_to_all_reproduces_the_documented_example():
+    mesh = make_mesh(MeshConfig(data=1, expert=2), devices=jax.devices()[:2])
+    operand = jnp.asarray([[1, 2, 2], [3, 4, 0]], jnp.float32)
+    plan = ExchangePlan(*(jnp.asarray(a, jnp.int32) for a in
+                          ([[0, 1], [0, 1]], [[1, 2], [1, 1]], [[0, 0], [1, 2]],
+                           [[1, 1], [2, 1]])))
+    spec = PartitionSpec("expert")
+    fn = jax.shard_map(
+        lambda op, out, *p: emulated_ragged_all_to_all(
+            op[0], out[0], ExchangePlan(*(a[0] for a in p)), "expert")[None],
+        mesh=mesh, in_specs=(spec,) * 6, out_specs=spec)
+    got = jax.jit(fn)(operand, jnp.zeros((2, 4)), *plan)
+    np.testing.assert_array_equal(got, [[1, 3, 0, 0], [2, 2, 4, 0]])
+
+
+def test_native_ragged_transport_traces_and_lowers_with_grads(monkeypatch):
+    monkeypatch.setattr(ep, "_native_ragged", lambda mesh: True)
+    x, idx, w, mask, weights = _problem()
+    mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2))
+
+    def loss(x, w, weights):
+        return ep.expert_parallel_dispatch(x, idx, w, mask, weights, 0.0, 0.5, mesh=mesh,
+                                           transport="ragged")[0].sum()
+    with use_mesh(mesh):
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w, weights).as_text()
+    assert hlo.count("ragged_all_to_all") >= 3  # rows, expert ids, results back (+ grads)
+
+
+def _moe_apply(cfg: MoEConfig, mesh, x, mask):
+    moe = MoE(cfg, init_std=0.2)  # large enough that the outputs are far from zero
+    with use_mesh(mesh):
+        params = jax.jit(moe.init)(jax.random.key(0), x, jnp.zeros(E), mask)
+
+        def loss(params, x):
+            y, stats = moe.apply(params, x, jnp.zeros(E), mask)
+            return jnp.sum(y * jnp.cos(y)), (y, stats["dropped_fraction"])
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+
+def test_moe_module_shard_map_equals_gspmd():
+    x = jax.random.normal(jax.random.key(3), (4, 16, D))
+    mask = jnp.ones((4, 16), bool).at[1, -5:].set(False)
+    mesh = make_mesh(MeshConfig(data=2, expert=4))
+    base = dict(num_experts=E, top_k=T, expert_hidden=F, num_shared_experts=1,
+                capacity_factor=0.0, group_size=8)
+    runs = {name: _moe_apply(MoEConfig(**base, **kw), mesh, x, mask) for name, kw in {
+        "shard_map": dict(expert_parallel="shard_map", expert_transport="all_gather"),
+        "gspmd": dict(dispatch="index")}.items()}  # index == dense at cf=0: test_moe.py
+    (_, (y, dropped)), grads = runs["shard_map"]
+    assert float(dropped) == 0.0
+    (_, (ref_y, _)), ref_grads = runs["gspmd"]
+    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(ref_y).max()) > 0.01
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):  # router too
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_mesh_the_layer_falls_back_to_its_dispatch():
+    assert ep.select_dispatch("index", "shard_map") is DISPATCH["index"]
+    with use_mesh(make_mesh(MeshConfig(data=8))):
+        assert ep.select_dispatch("index", "gspmd") is DISPATCH["index"]
+        assert ep.select_dispatch("index", "shard_map").func is ep.expert_parallel_dispatch
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["model.moe.expert_parallel='manual'"], "model.moe.expert_parallel"),
+    (["model.moe.expert_transport='nccl'"], "model.moe.expert_transport"),
+    (["model.moe.expert_parallel='shard_map'", "model.moe.dispatch='einsum'"],
+     "model.moe.dispatch"),
+    (["model.moe.expert_parallel='shard_map'", "mesh.tensor=2", "model.moe.expert_hidden=33"],
+     "model.moe.expert_hidden"),
+    (["model.moe.expert_parallel='shard_map'", "mesh.expert=3"], "model.moe.num_experts"),
+])
+def test_config_validation_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        resolve(small_config(*overrides))
+
+
+def test_expert_count_not_divisible_by_the_expert_axis_is_a_clear_error():
+    mesh = make_mesh(MeshConfig(data=1, expert=8))
+    x, idx, w, mask, _ = _problem()
+    weights = (jnp.ones((4, D, F)),) * 2 + (jnp.ones((4, F, D)),)
+    with use_mesh(mesh), pytest.raises(ValueError, match="divisible by mesh.expert=8"):
+        ep.expert_parallel_dispatch(x, idx, w, mask, weights, 0.0, mesh=mesh)
