@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import ml_collections
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
-DISPATCHES = ("dense", "einsum", "index")
+DISPATCHES = ("dense", "einsum", "index", "dropless")
 EXPERT_PARALLEL = ("gspmd", "shard_map")  # who moves tokens to experts (see MoEConfig)
 EXPERT_TRANSPORTS = ("auto", "all_gather", "ragged")  # shard_map transports
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe")
@@ -49,7 +49,7 @@ class MoEConfig:
     num_groups: int = 1  # expert groups for group-limited routing (1 = off)
     top_groups: int = 1  # groups kept per token in group-limited routing
     capacity_factor: float = 1.25  # C = ceil(cf * tokens_per_group * T / E); <= 0 = no drops
-    dispatch: str = "index"  # "index" (gather/scatter), "einsum" (GShard one-hot), "dense" (oracle)
+    dispatch: str = "index"  # "index" (gather), "einsum" (GShard), "dropless" (sorted), "dense" (oracle)
     group_size: int = 512  # tokens per dispatch group (capacity is per group)
     expert_parallel: str = "gspmd"  # "gspmd" (GSPMD all-to-all) or "shard_map" (expert_parallel.py)
     expert_transport: str = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto" by platform

@@ -14,6 +14,7 @@ token's first choice before any second choice, tokens in sequence order within a
 - "einsum": GShard dispatch/combine one-hots [G, S, E, C] contracted with einsums.
 - "index": the buffers [G, E, C, D] are filled by a gather with per-slot token indices
   and read back by a gather with per-pair slot indices (memory ~ routed tokens).
+- "dropless": no capacity; pairs sorted by expert through grouped matmuls (dropless.py).
 Buffers are resharded from groups to experts (`act_expert`) before the expert einsums,
 which is where GSPMD inserts the all-to-all over the `expert` mesh axis.
 """
@@ -25,6 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from moejax.model.dropless import dropless_dispatch
 from moejax.model.layers import clamped_swiglu
 from moejax.sharding import constrain
 
@@ -157,4 +159,5 @@ DISPATCH: dict[str, DispatchFn] = {
     "dense": dense_dispatch,
     "einsum": einsum_dispatch,
     "index": index_dispatch,
+    "dropless": dropless_dispatch,
 }

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 LAYER_TYPES = ("sliding", "csa", "hca")
 V4_SCORE_FUNCTIONS = ("sqrtsoftplus", "sigmoid", "softmax")
-V4_DISPATCHES = ("dense", "index")
+V4_DISPATCHES = ("dense", "index", "dropless")
 # The published `compress_ratios` (one int per layer) -> layer type ([REF] overlap iff 4).
 RATIO_TO_TYPE = {0: "sliding", 4: "csa", 128: "hca"}
 
@@ -57,7 +57,7 @@ class V4MoEConfig:
     routed_scaling_factor: float = 1.5  # multiplies the renormalised routed weights
     num_hash_layers: int = 2  # first layers route by the frozen tid2eid[token] table
     swiglu_limit: float = 1.0  # gate <= L, -L <= up <= L in every expert; 0 = no clamp
-    dispatch: str = "dense"  # "index" (capacity buffers) or "dense" (oracle, never drops)
+    dispatch: str = "dense"  # "index" (capacity buffers), "dropless" (sorted) or "dense" (oracle)
     capacity_factor: float = 0.0  # C = ceil(cf * S * k / E); <= 0 = no drops
     group_size: int = 512  # tokens per dispatch group (capacity is per group)
     balance_loss_coef: float = 0.0  # sequence-wise balance loss coefficient
