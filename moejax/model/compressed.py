@@ -196,11 +196,14 @@ def window_mask(segment_ids: jax.Array, window: int) -> jax.Array:
 
 def sink_attention(q: jax.Array, kv: jax.Array, mask: jax.Array, sinks: jax.Array,
                    scale: float, entries: jax.Array | None = None,
-                   entry_mask: jax.Array | None = None) -> jax.Array:
+                   entry_mask: jax.Array | None = None, entry_probs: bool = False
+                   ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Shared-KV attention with a per-head sink column, in fp32.
 
     q [B, L, H, K]; kv [B, S, K] (key = value); mask [B, L, S]; sinks [H];
-    entries [B, T, K] with entry_mask [B, L, T] (optional). Returns [B, L, H, K].
+    entries [B, T, K] with entry_mask [B, L, T] (optional). Returns [B, L, H, K], and with
+    `entry_probs` also the attention probabilities of the entries summed over heads,
+    fp32 [B, L, T] (the lightning indexer's distillation target, see indexer_loss.py).
     """
     qf = q.astype(jnp.float32)
     logits = [jnp.where(mask[:, None], jnp.einsum("BLHK,BSK->BHLS", qf, kv.astype(jnp.float32))
@@ -219,7 +222,19 @@ def sink_attention(q: jax.Array, kv: jax.Array, mask: jax.Array, sinks: jax.Arra
         p = probs[..., start:start + part.shape[-1]]
         out = out + jnp.einsum("BHLS,BSK->BLHK", p, v.astype(jnp.float32))
         start += part.shape[-1]
+    if entry_probs:
+        return out.astype(q.dtype), _summed_entry_probs(probs, logits[0].shape[-1], entries)
     return out.astype(q.dtype)
+
+
+def _summed_entry_probs(probs: jax.Array, start: int, entries: jax.Array | None
+                        ) -> jax.Array:
+    """probs [B, H, L, start + T + 1] -> the T entry columns summed over heads [B, L, T]."""
+    b, _, length, _ = probs.shape
+    num = 0 if entries is None else entries.shape[1]
+    if num == 0:
+        return jnp.zeros((b, length, 0), jnp.float32)
+    return probs[..., start:start + num].sum(axis=1)
 
 
 def _pair_blocks(x: jax.Array, block: int) -> jax.Array:
@@ -232,7 +247,8 @@ def _pair_blocks(x: jax.Array, block: int) -> jax.Array:
 
 def banded_sink_attention(q: jax.Array, kv: jax.Array, segment_ids: jax.Array, window: int,
                           sinks: jax.Array, scale: float, entries: jax.Array | None = None,
-                          entry_mask: jax.Array | None = None) -> jax.Array:
+                          entry_mask: jax.Array | None = None, entry_probs: bool = False
+                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """`sink_attention` with the window mask of `window_mask`, in O(L * W) memory.
 
     Queries go in blocks of W; block n sees keys of blocks n-1 and n (2W keys), which holds
@@ -260,4 +276,6 @@ def banded_sink_attention(q: jax.Array, kv: jax.Array, segment_ids: jax.Array, w
     if len(parts) > 1:
         p_entries = probs[..., 2 * window:2 * window + entries.shape[1]]
         out = out + jnp.einsum("BHLT,BTK->BLHK", p_entries, entries.astype(jnp.float32))
+    if entry_probs:
+        return out.astype(q.dtype), _summed_entry_probs(probs, 2 * window, entries)
     return out.astype(q.dtype)

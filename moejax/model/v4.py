@@ -7,7 +7,9 @@
 
 `TransformerV4` has `moejax.Transformer`'s call contract:
 `logits, aux = model.apply(variables, tokens, segment_ids=None, positions=None)` with aux
-`balance_loss`, `z_loss`, `dropped_fraction` [L], `expert_load` [L, E], `moe_loss`; the
+`balance_loss`, `z_loss`, `dropped_fraction` [L], `expert_load` [L, E], `moe_loss`,
+`indexer_kl` [L] (each CSA layer's lightning-indexer KL, 0 elsewhere or when off) and
+`indexer_loss` = attention.indexer_loss_coef * its sum (+ the MTP block's); the
 balance biases are `moe_bias/bias` [L, E] (every V4 layer is MoE; the rows of hash layers
 are unused) and the hash tables `hash_routing/.../tid2eid`. With `mtp.depth = 1` and
 `with_mtp=True`, aux also holds `mtp_logits` [B, L, V] (position t predicts t+2),
@@ -151,15 +153,16 @@ class V4Block(nn.Module):
         norm = lambda name: RMSNorm(cfg.norm_eps, dt, jnp.float32, name=name)  # noqa: E731
         post, comb, y = hc("attn_hc")(x)
         with jax.named_scope("attention"):
-            a = V4Attention(cfg.attention, self.layer_type, cfg.norm_eps, cfg.init_std, dt, pdt,
-                            self.decode, cfg.max_seq_len, name="attention")(
+            a, kl = V4Attention(cfg.attention, self.layer_type, cfg.norm_eps, cfg.init_std, dt,
+                                pdt, self.decode, cfg.max_seq_len, name="attention")(
                 norm("attn_norm")(y), segment_ids, positions)
         x = expand(x, checkpoint_name(a, "attention_out"), post, comb)
         post, comb, y = hc("ffn_hc")(x)
         with jax.named_scope("moe"):
             f, stats = V4MoE(cfg.moe, self.is_hash, cfg.vocab_size, cfg.init_std, dt, pdt,
                              name="moe")(norm("ffn_norm")(y), bias, tokens, segment_ids > 0)
-        return expand(x, checkpoint_name(f, "ffn_out"), post, comb), stats
+        return expand(x, checkpoint_name(f, "ffn_out"), post, comb), {**stats,
+                                                                       "indexer_kl": kl}
 
 
 def _block_class(cfg: V4Config) -> Any:
@@ -262,6 +265,7 @@ class TransformerV4(nn.Module):
         x, aux = V4Layers(cfg, self.decode, name="layers")(
             x, self._bias("bias", cfg.num_layers), tokens, segment_ids, positions)
         aux["moe_loss"] = self._moe_loss(aux)
+        aux["indexer_loss"] = cfg.attention.indexer_loss_coef * aux["indexer_kl"].sum()
         h = HyperHead(cfg.hc.hc_mult, cfg.hc.eps, cfg.norm_eps, cfg.init_std, name="hc_head")(x)
         h = RMSNorm(cfg.norm_eps, dt, jnp.float32, name="final_norm")(h)
         head = LMHead(cfg.vocab_size, cfg.init_std, dt, pdt, name="head")
@@ -273,6 +277,7 @@ class TransformerV4(nn.Module):
             aux["mtp_logits"] = head(mtp_h).astype(jnp.float32)
             aux["mtp_expert_load"] = stats["expert_load"][None]
             aux["mtp_moe_loss"] = self._moe_loss(jax.tree.map(lambda a: a[None], stats))
+            aux["indexer_loss"] += cfg.attention.indexer_loss_coef * stats["indexer_kl"]
         return logits.astype(jnp.float32), aux
 
     def _bias(self, name: str, rows: int) -> jax.Array:

@@ -8,7 +8,10 @@ See compressed.py for the math. Parameters (torch names of HF in brackets):
     indexer/{compressor/..., q_b [dq, HI, dI], weights_proj [D, HI]} (CSA only).
 
 Norm weights, sinks and position biases are fp32 whatever `param_dtype` (as HF keeps them).
-With `decode=True` the layer keeps the incremental state of spec 1.10 in the `cache`
+The layer returns (out [B, L, D], indexer KL): the KL is the lightning indexer's
+distillation loss of a CSA layer (indexer_loss.py) when `indexer_loss_coef > 0`, else 0
+(not computed). The indexer always reads stop_gradient'ed inputs: its top-k passes no
+gradient anyway, so only that loss trains it. With `decode=True` the layer keeps the incremental state of spec 1.10 in the `cache`
 collection (see decode.py): call it with the prompt, then with one token at a time.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ from moejax.model.compressed import (Compressor, banded_sink_attention, entry_se
                                      sink_attention, window_mask)
 from moejax.model.hyper import unweighted_rms_norm
 from moejax.model.indexer import Indexer
+from moejax.model.indexer_loss import indexer_kl
 from moejax.model.layers import RMSNorm, normal_init
 from moejax.model.v4_config import V4AttentionConfig
 from moejax.sharding import constrain
@@ -84,7 +88,8 @@ class V4Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array
-                 ) -> jax.Array:
+                 ) -> tuple[jax.Array, jax.Array]:
+        """(out [B, L, D], indexer KL: fp32 scalar, 0 unless a CSA layer computes it)."""
         a, dt = self.cfg, self.dtype
         w = self._weights(x.shape[-1])
         compressor, indexer = self._submodules(x.shape[-1])
@@ -96,41 +101,54 @@ class V4Attention(nn.Module):
         q = constrain(rotate_tail(q, positions, inv), ("act_batch", "act_length", "act_heads",
                                                        None))
         kv = rotate_tail(norm("kv_norm")(x @ w["kv"].astype(dt)), positions, inv)
+        kl = jnp.zeros((), jnp.float32)
         if self.decode:
             from moejax.model.decode import decode_attention  # noqa: PLC0415
             o = decode_attention(self, q, kv, x, qr, positions, w["sinks"], inv, compressor,
                                  indexer)
         else:
-            entries, entry_mask = self._compressed(x, qr, segment_ids, positions, inv,
-                                                   compressor, indexer)
-            o = self._core(q, kv, segment_ids, w["sinks"], entries, entry_mask)
+            entries, entry_mask, index = self._compressed(x, qr, segment_ids, positions, inv,
+                                                          compressor, indexer)
+            if index is None or a.indexer_loss_coef == 0:
+                o = self._core(q, kv, segment_ids, w["sinks"], entries, entry_mask)
+            else:
+                o, probs = self._core(q, kv, segment_ids, w["sinks"], entries, entry_mask,
+                                      entry_probs=True)
+                kl = indexer_kl(probs, *index, segment_ids != 0)
         o = rotate_tail(o, positions, inv, inverse=True)
         o = constrain(o, ("act_batch", "act_length", "act_heads", None))
-        return grouped_output(o, w["o_a"].astype(dt), w["o_b"].astype(dt))
+        return grouped_output(o, w["o_a"].astype(dt), w["o_b"].astype(dt)), kl
 
     def _core(self, q: jax.Array, kv: jax.Array, segment_ids: jax.Array, sinks: jax.Array,
-              entries: jax.Array | None, entry_mask: jax.Array | None) -> jax.Array:
+              entries: jax.Array | None, entry_mask: jax.Array | None,
+              entry_probs: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Banded O(L*W) window attention when L is a multiple of W >= 2W, else the dense
-        reference (both give the same numbers)."""
+        reference (both give the same numbers); `entry_probs` as in `sink_attention`."""
         a, length = self.cfg, q.shape[1]
         scale = a.head_dim ** -0.5
         if length % a.sliding_window == 0 and length >= 2 * a.sliding_window:
             return banded_sink_attention(q, kv, segment_ids, a.sliding_window, sinks, scale,
-                                         entries, entry_mask)
+                                         entries, entry_mask, entry_probs)
         return sink_attention(q, kv, window_mask(segment_ids, a.sliding_window), sinks, scale,
-                              entries, entry_mask)
+                              entries, entry_mask, entry_probs)
 
     def _compressed(self, x: jax.Array, qr: jax.Array, segment_ids: jax.Array,
                     positions: jax.Array, inv: Any, compressor: Compressor | None,
-                    indexer: Indexer | None) -> tuple[jax.Array | None, jax.Array | None]:
-        """Training forward: entries [B, T, dh] and which query sees which [B, L, T]."""
+                    indexer: Indexer | None
+                    ) -> tuple[jax.Array | None, jax.Array | None,
+                               tuple[jax.Array, jax.Array] | None]:
+        """Training forward: entries [B, T, dh], which query sees which [B, L, T], and for
+        CSA (indexer scores, the KL's candidate entries), both [B, L, T]."""
         if compressor is None:
-            return None, None
+            return None, None, None
         entries = compressor(x, inv, positions, segment_ids)
         length, num = x.shape[1], entries.shape[1]
         visible = (entry_visibility(length, num, self.rate)[None]
                    & entry_segment_mask(segment_ids, num, self.rate))
         if indexer is None:
-            return entries, visible
-        selected, _ = indexer(x, qr, positions, inv, visible, segment_ids)
-        return entries, selected
+            return entries, visible, None
+        sg = jax.lax.stop_gradient
+        selected, scores = indexer(sg(x), sg(qr), positions, inv, visible, segment_ids)
+        if self.cfg.indexer_warmup:
+            return entries, visible, (scores, visible)
+        return entries, selected, (scores, selected)

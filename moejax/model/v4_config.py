@@ -39,6 +39,8 @@ class V4AttentionConfig:
     index_heads: int = 16  # HI: lightning-indexer query heads
     index_head_dim: int = 16  # dI: lightning-indexer head width (and compressed key width)
     index_topk: int = 4  # kI: compressed entries each CSA query keeps
+    indexer_loss_coef: float = 0.0  # weight of the indexer's KL distillation loss (0 = off)
+    indexer_warmup: bool = False  # DSA dense warm-up: CSA attends to every visible entry
     rope_theta: float = 10000.0  # base of the "main" table (sliding-only layers, no YaRN)
     compress_rope_theta: float = 160000.0  # base of the "compress" table (CSA / HCA layers)
     yarn_factor: float = 16.0  # YaRN factor of the compress table (1 = no YaRN)
@@ -146,6 +148,8 @@ def validate_attention(a: V4AttentionConfig, num_layers: int, p: str) -> None:
     bad = [t for t in a.layer_types if t not in LAYER_TYPES]
     _check(not bad, f"{p}.layer_types", a.layer_types, f"entries must be in {list(LAYER_TYPES)}.")
     _check(a.yarn_factor >= 1.0, f"{p}.yarn_factor", a.yarn_factor, "must be >= 1 (1 = off).")
+    _check(a.indexer_loss_coef >= 0, f"{p}.indexer_loss_coef", a.indexer_loss_coef,
+           "must be >= 0 (0 = no indexer training signal).")
     _check(a.yarn_beta_fast > a.yarn_beta_slow > 0, f"{p}.yarn_beta_fast", a.yarn_beta_fast,
            f"must be > yarn_beta_slow={a.yarn_beta_slow} > 0.")
 

@@ -1,0 +1,126 @@
+"""The lightning indexer's KL distillation loss (DSA-style) and its stop-gradients."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_v4 import _randomise_variables
+
+from moejax.model.indexer_loss import indexer_kl
+from moejax.model.v4_config import V4Config, v4_config
+
+
+def _kl_reference(attention, scores, candidates, real):
+    """float64 numpy: per row, p = attention[S] / sum, q = softmax(scores[S]), KL(p || q)."""
+    total, rows = 0.0, 0
+    for b, t in np.ndindex(*real.shape):
+        s = candidates[b, t]
+        if not (real[b, t] and s.any()):
+            continue
+        p = attention[b, t, s] / attention[b, t, s].sum()
+        z = scores[b, t, s] - scores[b, t, s].max()
+        log_q = z - np.log(np.exp(z).sum())
+        total += np.sum(p * (np.log(p) - log_q))
+        rows += 1
+    return total / max(rows, 1)
+
+
+def test_indexer_kl_matches_the_formula():
+    rng = np.random.default_rng(0)
+    attention = rng.random((2, 7, 5))
+    scores = rng.normal(size=(2, 7, 5))
+    candidates = rng.random((2, 7, 5)) < 0.6
+    candidates[0, 0] = False  # a row without candidates does not count
+    real = np.ones((2, 7), bool)
+    real[1, 5:] = False  # padding does not count
+    got = indexer_kl(jnp.asarray(attention, jnp.float32), jnp.asarray(scores, jnp.float32),
+                     jnp.asarray(candidates), jnp.asarray(real))
+    np.testing.assert_allclose(float(got), _kl_reference(attention, scores, candidates, real),
+                               rtol=1e-5)
+    # q = p gives 0; the gradient reaches the scores only.
+    log_p = np.log(attention)
+    same = indexer_kl(jnp.asarray(attention, jnp.float32), jnp.asarray(log_p, jnp.float32),
+                      jnp.ones((2, 7, 5), bool), jnp.asarray(real))
+    assert abs(float(same)) < 1e-6
+    g_att, g_scores = jax.grad(indexer_kl, argnums=(0, 1))(
+        jnp.asarray(attention, jnp.float32), jnp.asarray(scores, jnp.float32),
+        jnp.asarray(candidates), jnp.asarray(real))
+    assert not np.any(np.asarray(g_att)) and np.any(np.asarray(g_scores))
+    assert np.all(np.isfinite(np.asarray(g_scores)))
+    assert not np.any(np.asarray(g_scores)[~candidates])
+
+
+def _small(**attention):
+    """Two layers (sliding + CSA, learned routing) at L = 32: 8 entries, top-4 selects."""
+    base = V4Config()
+    return dataclasses.replace(base, num_layers=2, moe=dataclasses.replace(
+        base.moe, num_hash_layers=0), attention=dataclasses.replace(
+        base.attention, layer_types=("sliding", "csa"), **attention))
+
+
+def _flat(tree):
+    return {"/".join(str(k.key) for k in p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_indexer_loss_trains_only_the_indexer():
+    """coef > 0: every indexer weight gets a gradient; the rest of the model's gradients
+    are those of the language-model loss alone (stop_gradient holds). coef = 0: indexer
+    gradients are exactly zero, as before."""
+    from moejax.interop.hf_v4 import abstract_variables
+    from moejax.model.v4 import TransformerV4
+    off, on = _small(), _small(indexer_loss_coef=0.5)
+    variables = _randomise_variables(abstract_variables(off), seed=7)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 32)), jnp.int32)
+
+    def loss(params, cfg):
+        logits, aux = TransformerV4(cfg).apply(dict(variables, params=params), tokens)
+        ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]),
+                                           tokens[:, 1:, None], -1))
+        return ce + aux["indexer_loss"], aux
+
+    @jax.jit
+    def both_grads(params):
+        grad = jax.grad(loss, has_aux=True)
+        return grad(params, off), grad(params, on)
+
+    (g_off, aux_off), (g_on, aux_on) = both_grads(variables["params"])
+    assert float(aux_off["indexer_loss"]) == 0.0
+    kl = np.asarray(aux_on["indexer_kl"])
+    assert kl.shape == (2,) and kl[0] == 0 and kl[1] > 0
+    np.testing.assert_allclose(float(aux_on["indexer_loss"]), 0.5 * kl.sum(), rtol=1e-6)
+
+    off_flat, on_flat = _flat(g_off), _flat(g_on)
+    indexer = {k for k in on_flat if "/indexer/" in k}
+    assert len(indexer) == 6  # q_b, weights_proj, compressor kv / gate / position_bias / norm
+    for name in indexer:
+        assert not np.any(off_flat[name]), f"{name}: coef 0 must give no gradient"
+        assert np.any(on_flat[name]), f"{name}: no gradient from the indexer loss"
+    for name in set(on_flat) - indexer:  # the indexer loss does not leak into the model
+        np.testing.assert_allclose(on_flat[name], off_flat[name], rtol=1e-6, atol=1e-9,
+                                   err_msg=name)
+
+
+def test_warmup_attends_every_visible_entry():
+    """Dense warm-up = a top-k large enough to select everything (same logits and KL)."""
+    from moejax.interop.hf_v4 import abstract_variables
+    from moejax.model.v4 import TransformerV4
+    warm = _small(indexer_loss_coef=1.0, indexer_warmup=True)
+    wide = _small(indexer_loss_coef=1.0, index_topk=8)
+    variables = _randomise_variables(abstract_variables(warm), seed=2)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 32)), jnp.int32)
+
+    @jax.jit
+    def both(v):
+        return TransformerV4(warm).apply(v, tokens), TransformerV4(wide).apply(v, tokens)
+
+    (logits_w, aux_w), (logits_k, aux_k) = both(variables)
+    np.testing.assert_allclose(logits_w, logits_k, atol=1e-6)
+    np.testing.assert_allclose(aux_w["indexer_kl"], aux_k["indexer_kl"], rtol=1e-5)
+    assert float(aux_w["indexer_loss"]) > 0
+
+
+def test_indexer_loss_coef_is_validated():
+    with pytest.raises(ValueError, match="model.attention.indexer_loss_coef"):
+        v4_config({"attention": {"indexer_loss_coef": -1.0}})
