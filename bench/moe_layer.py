@@ -6,21 +6,39 @@ Times are medians over repeats after a warm-up; the ratio is against the dense F
 same run. Shared experts are left out: they are dense FFNs and would only dilute the ratio.
 
     python bench/moe_layer.py [--tokens 4096] [--dim 512] [--repeats 5] [--json]
+
+Expert parallelism: `--expert-parallel N` runs everything on a mesh with expert=N (N fake
+CPU devices when there is no accelerator; the flag must be spelled with a space, it is read
+before JAX starts). Parameters and tokens are sharded by the logical rules; the default
+candidates are then "index" (GSPMD inserts the all-to-all) and "ep:all_gather" (the
+shard_map transport of moejax/model/expert_parallel.py; "ep:ragged" also works).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
+if "--expert-parallel" in sys.argv:  # fake CPU devices must exist before JAX starts
+    _DEVICES = sys.argv[sys.argv.index("--expert-parallel") + 1]
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={_DEVICES}")
 
-from moejax.config import MoEConfig
-from moejax.model.layers import MLP
-from moejax.model.moe import MoE
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+from moejax.config import MeshConfig, MoEConfig  # noqa: E402
+from moejax.model.layers import MLP  # noqa: E402
+from moejax.model.moe import MoE  # noqa: E402
+from moejax.sharding import (active_mesh, logical_to_spec, make_mesh,  # noqa: E402
+                             param_shardings, use_mesh)
 
 CASES = ((8, 2, 512), (64, 6, 256), (256, 8, 192))  # (experts, top_k, expert_hidden)
 
@@ -38,6 +56,7 @@ def median_ms(fn: Callable[[], Any], repeats: int) -> float:
 def timed_passes(module: Any, x: jax.Array, extra: tuple, repeats: int) -> dict[str, float]:
     """Median ms of the forward and of forward+backward (grads of params and input)."""
     params = module.init(jax.random.key(0), x, *extra)
+    params, x = place_on_mesh(params, x)
 
     def forward(p, x):
         out = module.apply(p, x, *extra)
@@ -47,6 +66,24 @@ def timed_passes(module: Any, x: jax.Array, extra: tuple, repeats: int) -> dict[
     fwd_bwd = jax.jit(jax.grad(lambda p, x: jnp.sum(forward(p, x) ** 2), argnums=(0, 1)))
     return {"fwd": median_ms(lambda: fwd(params, x), repeats),
             "fwd_bwd": median_ms(lambda: fwd_bwd(params, x), repeats)}
+
+
+def place_on_mesh(params: Any, x: jax.Array) -> tuple[Any, jax.Array]:
+    """Shards parameters and tokens by the logical rules under --expert-parallel."""
+    mesh = active_mesh()
+    if mesh is None:
+        return params, x
+    spec = logical_to_spec(("act_batch", "act_length", "act_embed"), shape=x.shape, mesh=mesh)
+    return (jax.device_put(nn.unbox(params), param_shardings(params, mesh)),
+            jax.device_put(x, NamedSharding(mesh, spec)))
+
+
+def moe_config(dispatch: str, **fields: Any) -> MoEConfig:
+    """"ep:<transport>" -> index dispatch through the shard_map expert-parallel path."""
+    if dispatch.startswith("ep:"):
+        return MoEConfig(dispatch="index", expert_parallel="shard_map",
+                         expert_transport=dispatch[3:], **fields)
+    return MoEConfig(dispatch=dispatch, **fields)
 
 
 def run_case(experts: int, top_k: int, hidden: int, args: argparse.Namespace,
@@ -60,9 +97,9 @@ def run_case(experts: int, top_k: int, hidden: int, args: argparse.Namespace,
     for dispatch in dispatches:
         if dispatch == "dense" and experts > args.max_oracle_experts:
             continue  # the oracle computes every expert on every token: E/k times the work
-        cfg = MoEConfig(num_experts=experts, top_k=top_k, expert_hidden=hidden,
-                        num_shared_experts=0, dispatch=dispatch,
-                        capacity_factor=args.capacity_factor, group_size=args.group_size)
+        cfg = moe_config(dispatch, num_experts=experts, top_k=top_k, expert_hidden=hidden,
+                         num_shared_experts=0, capacity_factor=args.capacity_factor,
+                         group_size=args.group_size)
         moe = timed_passes(MoE(cfg), x, (bias, mask), args.repeats)
         rows += [dict(impl=dispatch, experts=experts, top_k=top_k, **{"pass": p}, ms=ms,
                       ratio_vs_dense=ms / dense[p]) for p, ms in moe.items()]
@@ -76,21 +113,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--group-size", type=int, default=512)
     parser.add_argument("--capacity-factor", type=float, default=1.25)
-    parser.add_argument("--dispatch", default="index,einsum,dense")
+    parser.add_argument("--dispatch", default=None, help="default index,einsum,dense; "
+                        "with --expert-parallel: index,ep:all_gather")
+    parser.add_argument("--expert-parallel", type=int, default=0,
+                        help="N: mesh expert=N (N fake CPU devices off accelerators)")
     parser.add_argument("--max-oracle-experts", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args()
+    ep = args.expert_parallel
+    args.dispatch = args.dispatch or ("index,ep:all_gather" if ep else "index,einsum,dense")
+    mesh = make_mesh(MeshConfig(data=-1, expert=ep)) if ep else None
     if not args.json:
         print(f"# {jax.devices()[0].platform}, T={args.tokens}, D={args.dim}, "
-              f"cf={args.capacity_factor}, group={args.group_size}")
-        print(f"{'impl':>10} {'E':>4} {'k':>2} {'pass':>8} {'ms':>9} {'x dense':>8}")
-    for experts, top_k, hidden in CASES:
-        for row in run_case(experts, top_k, hidden, args, args.dispatch.split(",")):
-            if args.json:
-                print(json.dumps(row), flush=True)
-            else:
-                print(f"{row['impl']:>10} {experts:>4} {top_k:>2} {row['pass']:>8} "
-                      f"{row['ms']:>9.1f} {row['ratio_vs_dense']:>8.2f}", flush=True)
+              f"cf={args.capacity_factor}, group={args.group_size}"
+              + (f", mesh {dict(mesh.shape)}" if mesh else ""))
+        print(f"{'impl':>14} {'E':>4} {'k':>2} {'pass':>8} {'ms':>9} {'x dense':>8}")
+    with use_mesh(mesh) if mesh else contextlib.nullcontext():
+        for experts, top_k, hidden in CASES:
+            for row in run_case(experts, top_k, hidden, args, args.dispatch.split(",")):
+                if args.json:
+                    print(json.dumps(row), flush=True)
+                else:
+                    print(f"{row['impl']:>14} {experts:>4} {top_k:>2} {row['pass']:>8} "
+                          f"{row['ms']:>9.1f} {row['ratio_vs_dense']:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":
