@@ -52,6 +52,8 @@ def _model(size: str) -> ml_collections.ConfigDict:
     a.index_heads = 64 if (flash or pro) else 16  # HI lightning-indexer heads
     a.index_head_dim = 128 if (flash or pro) else 16  # dI
     a.index_topk = {"flash": 512, "pro": 1024}.get(size, 4)  # kI entries kept per query
+    a.indexer_loss_coef = 0.0  # weight of the indexer's KL distillation loss (0 = untrained)
+    a.indexer_warmup = False  # DSA dense warm-up: CSA attends to every visible entry
     a.rope_theta = 10000.0  # main table (sliding-only layers)
     a.compress_rope_theta = 160000.0  # compress table (CSA / HCA layers)
     a.yarn_factor = 16.0  # YaRN on the compress table

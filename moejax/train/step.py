@@ -5,6 +5,7 @@ Loss of a batch of packed rows (tokens, segment_ids, positions: int32 [B, L]):
     target t+1 of position t counts iff segment_ids[t+1] == segment_ids[t] != 0
     loss = sum of counted -log p(target) / number counted  +  aux["moe_loss"]
            [+ mtp.loss_weight * MTP cross-entropy (targets t+2) + aux["mtp_moe_loss"]]
+           [+ aux["indexer_loss"]: DeepSeek-V4's lightning-indexer KL, trains the indexer only]
 
 so no prediction crosses a document boundary and padding (segment 0) is never a target.
 The bracketed multi-token-prediction terms exist only with model.mtp.depth > 0.
@@ -83,6 +84,7 @@ def _micro_loss(setup: TrainSetup, cfg: Config, p: Any, moe_bias: Any, mb: Batch
                                     rngs={"dropout": rng}, **kwargs)
     nll, count = token_nll(logits, mb["tokens"], mb["segment_ids"])
     moe_loss = aux.get("moe_loss", jnp.zeros((), jnp.float32)) / num_micro
+    indexer_loss = aux.get("indexer_loss", jnp.zeros((), jnp.float32)) / num_micro
     stats = {"nll": nll, "count": count}
     stats.update({k: aux[k] / num_micro for k in MOE_STATS if k in aux})
     loss = nll / denoms[0]
@@ -93,7 +95,9 @@ def _micro_loss(setup: TrainSetup, cfg: Config, p: Any, moe_bias: Any, mb: Batch
         loss = loss + cfg.model.mtp.loss_weight * mtp_nll / denoms[1]
         moe_loss = moe_loss + aux["mtp_moe_loss"] / num_micro
     stats["moe_loss"] = moe_loss
-    return loss + moe_loss, stats
+    if "indexer_loss" in aux:
+        stats["indexer_loss"] = indexer_loss
+    return loss + moe_loss + indexer_loss, stats
 
 
 def _micro_grads(setup: TrainSetup, cfg: Config, params: Any, moe_bias: Any, mb: Batch,
@@ -156,6 +160,9 @@ def _step_metrics(stats: dict[str, jax.Array], grad_norm: jax.Array, lr: jax.Arr
     if "mtp_nll" in stats:
         metrics["mtp_cross_entropy"] = stats["mtp_nll"] / jnp.maximum(stats["mtp_count"], 1.0)
         metrics["loss"] = metrics["loss"] + mtp_weight * metrics["mtp_cross_entropy"]
+    if "indexer_loss" in stats:
+        metrics["indexer_loss"] = stats["indexer_loss"]
+        metrics["loss"] = metrics["loss"] + stats["indexer_loss"]
     if "expert_load" in stats:
         load = stats["expert_load"]
         metrics.update({
