@@ -1,12 +1,17 @@
 """`python -m moejax.interop.hf {import,export}`: HF folders <-> moejax training workdirs.
 
+DeepSeek-V3 and DeepSeek-V4 alike: import dispatches on config.json's `model_type`
+(`deepseek_v4` -> hf_v4.load, else hf.load), export on the checkpoint's
+`model.architecture` (`deepseek_v4` -> hf_v4.save with the frozen hash tables, else hf.save).
+
     import --hf-dir DIR --workdir W [--dtype float32]
         Loads DIR (hf.load), writes W/imported_config.py (the moejax config of the model,
         every field declared) and an Orbax checkpoint at step 0 (parameters, fresh optimizer
         state, balance biases, data iterator) exactly as the training loop writes them.
         Continue with: python train.py --config W/imported_config.py --workdir W
     export --workdir W --out DIR [--dtype bfloat16] [--step N]
-        Writes the newest (or step N) checkpoint of W as a HF `deepseek_v3` folder.
+        Writes the newest (or step N) checkpoint of W as a HF `deepseek_v3` / `deepseek_v4`
+        folder.
 """
 from __future__ import annotations
 
@@ -43,6 +48,17 @@ def _mesh_over_all_devices(cfg: ml_collections.ConfigDict) -> None:
     cfg.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
 
 
+def load_any(hf_dir: str, dtype: str = "float32") -> tuple[ml_collections.ConfigDict, dict]:
+    """(moejax ConfigDict, variables) of a DeepSeek-V3 or -V4 HF folder (by model_type)."""
+    if hf.read_config(hf_dir).get("model_type") != "deepseek_v4":
+        return hf.load(hf_dir, dtype=dtype)
+    from moejax.interop import hf_v4
+    model, variables = hf_v4.load(hf_dir, param_dtype=dtype)
+    tokenizer = pathlib.Path(hf_dir) / "tokenizer.json"
+    return hf.config_dict(model, str(tokenizer.absolute()) if tokenizer.is_file()
+                          else "byte"), variables
+
+
 def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> pathlib.Path:
     """HF folder -> `workdir` with a step-0 checkpoint and its config file; returns the file."""
     from moejax import data as moedata
@@ -50,7 +66,7 @@ def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> path
     from moejax.train import checkpoint
     from moejax.train.state import TrainState, make_setup
 
-    config, variables = hf.load(hf_dir, dtype=dtype)
+    config, variables = load_any(hf_dir, dtype)
     cfg = resolve(config)
     work = pathlib.Path(workdir)
     if checkpoint.latest_step(work) is not None:
@@ -100,7 +116,13 @@ def export_checkpoint(workdir: str, out_dir: str, dtype: str | None = None,
                                    options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
             state = mgr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(setup.abstract)))["state"]
-    hf.save(cfg.model, {"params": state.params, "moe_bias": state.moe_bias}, out_dir, dtype)
+    variables = {"params": state.params, "moe_bias": state.moe_bias,
+                 **getattr(state, "frozen", {})}
+    if getattr(cfg.model, "architecture", "transformer") == "deepseek_v4":
+        from moejax.interop import hf_v4
+        hf_v4.save(cfg.model, variables, out_dir, dtype)
+    else:
+        hf.save(cfg.model, variables, out_dir, dtype)
     return step
 
 
@@ -131,4 +153,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"moejax.interop.hf {args.command}: {err}")
 
 
-__all__ = ["export_checkpoint", "import_checkpoint", "main"]
+__all__ = ["export_checkpoint", "import_checkpoint", "load_any", "main"]
