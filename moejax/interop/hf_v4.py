@@ -27,7 +27,7 @@ import json
 import pathlib
 import re
 import struct
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import ml_dtypes
@@ -118,9 +118,9 @@ def _is_scale_of_weight(name: str, tensors: Mapping[str, Any]) -> bool:
     return False
 
 
-def merge_scales(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Dequantises every `X.weight` that has a scale tensor beside it; drops the scales."""
-    out: dict[str, np.ndarray] = {}
+def dequantized(tensors: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, fp32 weight) of every tensor but the scales, dequantised one at a time (so
+    memory-mapped inputs are read lazily: host memory holds one fp32 tensor at a time)."""
     for name, value in tensors.items():
         if _is_scale_of_weight(name, tensors):
             continue
@@ -130,8 +130,12 @@ def merge_scales(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             for key in (stem + ".scale", name + "_scale_inv", stem + ".weight_scale_inv"):
                 if key in tensors:
                     scale = np.asarray(tensors[key])
-        out[name] = dequantize(np.asarray(value), scale)
-    return out
+        yield name, dequantize(np.asarray(value), scale)
+
+
+def merge_scales(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Dequantises every `X.weight` that has a scale tensor beside it; drops the scales."""
+    return dict(dequantized(tensors))
 
 
 # ----------------------------------------------------------------------------- import
@@ -298,18 +302,22 @@ def import_tensors(tensors: Mapping[str, Any], cfg: V4Config, skip_mtp: bool | N
                    allow_missing: Iterable[str] = ()) -> Any:
     """Checkpoint tensors (any naming, quantised or not) -> TransformerV4 variables (numpy).
 
+    Tensors are dequantised and placed one at a time; with the memory-mapped tensors of
+    `read_safetensors` (as `load` passes them) the host holds the model once (in its
+    param dtype) plus one fp32 tensor, not a dequantised copy of the whole checkpoint.
+
     MTP tensors are skipped when the config has no MTP (`skip_mtp` None) or when asked.
     Unknown names raise ValueError; so does any variable the checkpoint leaves unset
     (unless a substring of its path is in `allow_missing`).
     """
     skip_mtp = cfg.mtp.depth == 0 if skip_mtp is None else skip_mtp
-    arrays = merge_scales({k: np.asarray(v) for k, v in tensors.items()})
+    if skip_mtp:
+        tensors = {k: v for k, v in tensors.items()
+                   if not canonical_name(k).startswith("mtp.")}
     buffers = _Buffers(abstract_variables(cfg))
     buffers.filled[("moe_bias", "bias")] = cfg.moe.num_hash_layers * cfg.moe.num_experts
     unknown = []
-    for name, w in arrays.items():
-        if skip_mtp and canonical_name(name).startswith("mtp."):
-            continue
+    for name, w in dequantized(tensors):
         try:
             writes = tensor_writes(name, w, cfg)
         except KeyError:

@@ -15,7 +15,8 @@ select different entries than HuggingFace. `selection_gap` reports the smallest 
 between the k-th and (k+1)-th visible scores, so a test can assert that no tie decides.
 
 The selection is not differentiable: through the language-model loss the indexer's
-weights get no gradient (DeepSeek trains them with a separate distillation loss).
+weights get no gradient. They train on the KL distillation loss of indexer_loss.py
+(`attention.indexer_loss_coef > 0`), which `V4Attention` computes.
 """
 from __future__ import annotations
 
