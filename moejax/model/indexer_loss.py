@@ -11,7 +11,9 @@ it with a separate term; per query t, over a candidate set S_t of compressed ent
     loss = mean over real queries t with S_t non-empty of KL(p_t || q_t)
 
 S_t is the selected top-k (DSA's sparse stage, the default) or every visible entry (DSA's
-dense warm-up, `attention.indexer_warmup`, where the main attention also sees them all).
+dense warm-up, `attention.indexer_warmup`, where the main attention of the training forward
+also sees them all; decoding and HF always use the top-k). DSA also freezes the rest of the
+model during its warm-up; that is an optimizer setting, not done here.
 The indexer runs on stop_gradient'ed inputs (`V4Attention`), and p is stop_gradient'ed
 here, so this term trains only the indexer and the language-model gradients of every
 other weight stay as they are. `attention.indexer_loss_coef` weights it in the loss
