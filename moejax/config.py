@@ -264,9 +264,9 @@ def validate_moe(e: MoEConfig) -> None:
     _choice("model.moe.dispatch", e.dispatch, DISPATCHES)
     _choice("model.moe.expert_parallel", e.expert_parallel, EXPERT_PARALLEL)
     _choice("model.moe.expert_transport", e.expert_transport, EXPERT_TRANSPORTS)
-    _check(e.expert_parallel == "gspmd" or e.dispatch == "index", "model.moe.dispatch",
-           e.dispatch, "model.moe.expert_parallel='shard_map' computes index dispatch "
-           "per expert shard; set model.moe.dispatch='index' or expert_parallel='gspmd'.")
+    _check(e.expert_parallel == "gspmd" or e.dispatch in ("index", "dropless"),
+           "model.moe.dispatch", e.dispatch, "model.moe.expert_parallel='shard_map' runs "
+           "'index' or 'dropless' per expert shard; pick one, or expert_parallel='gspmd'.")
     _check(e.group_size > 0, "model.moe.group_size", e.group_size, "must be > 0.")
     _check(e.num_groups > 0 and e.num_experts % e.num_groups == 0, "model.moe.num_groups",
            e.num_groups, f"must divide model.moe.num_experts={e.num_experts}.")

@@ -46,10 +46,11 @@ def _value_and_grads(fn, x, idx, w, mask, weights, cf: float, limit: float):
 
 
 def _sharded(transport: str, sizes: tuple[int, int, int], cf: float = 0.0,
-             limit: float = 0.5, problem: tuple = ()):
+             limit: float = 0.5, problem: tuple = (), local: str = "index"):
     data, expert, tensor = sizes
     mesh = make_mesh(MeshConfig(data=data, expert=expert, tensor=tensor))
-    fn = functools.partial(ep.expert_parallel_dispatch, mesh=mesh, transport=transport)
+    fn = functools.partial(ep.expert_parallel_dispatch, mesh=mesh, transport=transport,
+                           local=local)
     with use_mesh(mesh):
         return _value_and_grads(fn, *(problem or _problem()), cf, limit)
 
@@ -74,6 +75,12 @@ def oracle():
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_all_gather_matches_dense_oracle_values_and_grads(mesh, oracle):
     _assert_matches(_sharded("all_gather", MESHES[mesh]), oracle)
+
+
+@pytest.mark.parametrize("mesh", ["data2_expert4", "expert8", "data2_expert2_tensor2"])
+def test_all_gather_dropless_matches_dense_oracle_values_and_grads(mesh, oracle):
+    # cf = 1.0 would drop pairs in index dispatch; the dropless local computation never does
+    _assert_matches(_sharded("all_gather", MESHES[mesh], cf=1.0, local="dropless"), oracle)
 
 
 @pytest.mark.parametrize("mesh", ["data4_expert2", "expert8", pytest.param(
@@ -175,14 +182,17 @@ def test_moe_module_shard_map_equals_gspmd():
                 capacity_factor=0.0, group_size=8)
     runs = {name: _moe_apply(MoEConfig(**base, **kw), mesh, x, mask) for name, kw in {
         "shard_map": dict(expert_parallel="shard_map", expert_transport="all_gather"),
+        "shard_map_dropless": dict(expert_parallel="shard_map", dispatch="dropless",
+                                   expert_transport="all_gather"),
         "gspmd": dict(dispatch="index")}.items()}  # index == dense at cf=0: test_moe.py
-    (_, (y, dropped)), grads = runs["shard_map"]
-    assert float(dropped) == 0.0
     (_, (ref_y, _)), ref_grads = runs["gspmd"]
-    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(ref_y).max()) > 0.01
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):  # router too
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for name in ("shard_map", "shard_map_dropless"):
+        (_, (y, dropped)), grads = runs[name]
+        assert float(dropped) == 0.0
+        np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):  # router too
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_without_a_mesh_the_layer_falls_back_to_its_dispatch():
@@ -196,6 +206,8 @@ def test_without_a_mesh_the_layer_falls_back_to_its_dispatch():
     (["model.moe.expert_parallel='manual'"], "model.moe.expert_parallel"),
     (["model.moe.expert_transport='nccl'"], "model.moe.expert_transport"),
     (["model.moe.expert_parallel='shard_map'", "model.moe.dispatch='einsum'"],
+     "model.moe.dispatch"),
+    (["model.moe.expert_parallel='shard_map'", "model.moe.dispatch='dense'"],
      "model.moe.dispatch"),
     (["model.moe.expert_parallel='shard_map'", "mesh.tensor=2", "model.moe.expert_hidden=33"],
      "model.moe.expert_hidden"),

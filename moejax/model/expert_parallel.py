@@ -12,9 +12,13 @@ Transport "all_gather" (runs everywhere, the CPU default):
                                                                are masked out; zero rows)
     y    = psum(y, tensor)                     (partial sums over the F slices, if tensor > 1)
     out  = psum_scatter(y, expert)             [G_l, S, D]    (each token back to its owner)
-The local computation is `index` dispatch restricted to the local experts: the same
-capacity C = ceil(cf * S * T / E), the same choice-major slot order and therefore exactly
-the same dropped pairs as `experts.index_dispatch`; cf <= 0 gives C = S (dropless).
+The local computation follows `model.moe.dispatch`, restricted to the local experts:
+- "index": the same capacity C = ceil(cf * S * T / E), the same choice-major slot order
+  and therefore exactly the same dropped pairs as `experts.index_dispatch`; cf <= 0 gives
+  C = S (never drops, but every local expert then computes S rows per group).
+- "dropless": `dropless.dropless_dispatch` on the gathered pairs, the pairs of other
+  shards' experts given the padding id E_l (sorted last, never computed). Nothing drops;
+  the grouped matmul only visits the local pairs.
 Per step and direction it moves (n-1) G_l S D values, against ~cf T G_l S D for an
 all-to-all of the capacity buffers: cheaper for small n, dearer for large n.
 
@@ -35,6 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from moejax.config import EXPERT_TRANSPORTS
+from moejax.model.dropless import dropless_dispatch
 from moejax.model.experts import (DISPATCH, DispatchFn, ExpertWeights, capacity, choice_major,
                                   slot_positions_sorted)
 from moejax.model.layers import clamped_swiglu
@@ -42,6 +47,7 @@ from moejax.model.ragged_exchange import ragged_shard
 from moejax.sharding import active_mesh, logical_to_spec
 
 RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+LOCAL_DISPATCHES = ("index", "dropless")  # what each expert shard runs on its pairs
 
 
 def resolve_transport(transport: str, mesh: Mesh) -> str:
@@ -95,17 +101,31 @@ def local_index_experts(x: jax.Array, indices: jax.Array, weights: jax.Array,
     return (picked * w).sum(axis=1), (mine & ~keep).sum()
 
 
+def local_dropless_experts(x: jax.Array, indices: jax.Array, weights: jax.Array,
+                           mask: jax.Array, expert_weights: ExpertWeights, first: jax.Array,
+                           swiglu_limit: float) -> tuple[jax.Array, jax.Array]:
+    """dropless dispatch over experts [first, first + E_l); other pairs get the padding id."""
+    e_local = expert_weights[0].shape[0]
+    local = indices - first
+    local = jnp.where((local >= 0) & (local < e_local), local, e_local)
+    return dropless_dispatch(x, local, weights, mask, expert_weights, 0.0, swiglu_limit)
+
+
 def _all_gather_shard(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
                       gate: jax.Array, up: jax.Array, down: jax.Array, *, c: int,
-                      swiglu_limit: float, gather: bool, tensor: bool,
+                      local: str, swiglu_limit: float, gather: bool, tensor: bool,
                       batch_axes: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
     """Per-shard body of the all_gather transport (see the module docstring)."""
     if gather:
         x, indices, weights, mask = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
                                      for a in (x, indices, weights, mask))
     first = jax.lax.axis_index("expert") * gate.shape[0]
-    out, dropped = local_index_experts(x, indices, weights, mask, (gate, up, down), first, c,
-                                       swiglu_limit)
+    if local == "dropless":
+        out, dropped = local_dropless_experts(x, indices, weights, mask, (gate, up, down),
+                                              first, swiglu_limit)
+    else:
+        out, dropped = local_index_experts(x, indices, weights, mask, (gate, up, down), first,
+                                           c, swiglu_limit)
     if tensor:
         out = jax.lax.psum(out, "tensor")
     if gather:
@@ -124,14 +144,19 @@ def _batch_axes(spec: PartitionSpec) -> tuple[str, ...]:
 def expert_parallel_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array,
                              mask: jax.Array, expert_weights: ExpertWeights,
                              capacity_factor: float, swiglu_limit: float = 0.0, *,
-                             mesh: Mesh, transport: str = "auto"
+                             mesh: Mesh, transport: str = "auto", local: str = "index"
                              ) -> tuple[jax.Array, jax.Array]:
     """The dispatch contract of experts.py, computed per expert shard under shard_map.
 
     x [G, S, D], indices/weights [G, S, T], mask [G, S], expert weights gate/up [E, D, F],
     down [E, F, D] -> (out [G, S, D], dropped pairs). Needs E % mesh.expert == 0 and, when
     mesh.tensor > 1, F % mesh.tensor == 0 (the F slices are summed by a psum over tensor).
+    `local` ("index" or "dropless") is the per-shard computation of the all_gather
+    transport; the ragged transport is always dropless up to its receive buffer.
     """
+    if local not in LOCAL_DISPATCHES:
+        raise ValueError(f"expert parallelism computes {list(LOCAL_DISPATCHES)} per shard, "
+                         f"not {local!r}; set model.moe.dispatch to one of them.")
     g, s, _ = x.shape
     num_experts, f = expert_weights[0].shape[0], expert_weights[0].shape[-1]
     n, t = mesh.shape["expert"], mesh.shape["tensor"]
@@ -147,18 +172,23 @@ def expert_parallel_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Arra
     mode = resolve_transport(transport, mesh)
     f_axis = "tensor" if t > 1 else None
     w_in, w_out = PartitionSpec("expert", None, f_axis), PartitionSpec("expert", f_axis, None)
-    if mode == "ragged" and gather:
+    ragged = mode == "ragged" and gather
+    if ragged:
         body = functools.partial(ragged_shard, num_experts=num_experts,
                                  capacity_factor=capacity_factor, swiglu_limit=swiglu_limit,
                                  tensor=t > 1, batch_axes=batch_axes,
                                  native=_native_ragged(mesh))
     else:  # tokens whole on the expert axis: nothing to exchange, the all_gather body psums
         body = functools.partial(_all_gather_shard, c=capacity(s, indices.shape[-1],
-                                 num_experts, capacity_factor), swiglu_limit=swiglu_limit,
-                                 gather=gather, tensor=t > 1, batch_axes=batch_axes)
+                                 num_experts, capacity_factor), local=local,
+                                 swiglu_limit=swiglu_limit, gather=gather, tensor=t > 1, batch_axes=batch_axes)
+    # dropless.py's loops and custom VJPs are not typed for shard_map's varying-axis check
+    # (loop carries start invariant, weight cotangents come back varying over the batch
+    # axes); without the check, shard_map's transpose psums them (tests hold the grads).
     fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, PartitionSpec(*tok[:2]),
                                                   w_in, w_in, w_out),
-                       out_specs=(tok, PartitionSpec()))
+                       out_specs=(tok, PartitionSpec()),
+                       check_vma=not (ragged or local == "dropless"))
     return fn(x, indices, weights, mask, *expert_weights)
 
 
@@ -173,4 +203,5 @@ def select_dispatch(dispatch: str, expert_parallel: str = "gspmd", transport: st
     mesh = active_mesh()
     if expert_parallel != "shard_map" or mesh is None:
         return DISPATCH[dispatch]
-    return functools.partial(expert_parallel_dispatch, mesh=mesh, transport=transport)
+    return functools.partial(expert_parallel_dispatch, mesh=mesh, transport=transport,
+                             local=dispatch)

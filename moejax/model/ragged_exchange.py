@@ -7,7 +7,8 @@ Per `expert` shard (n shards, E_l = E / n experts each, P = G_l * S * T local pa
     counts = per-expert pair counts of every shard (one all_gather)      [n, E]
     plan   = exchange_plans(counts, me, R)           offsets and sizes, both directions
     rows   = ragged_all_to_all(x[token(order)])      [R, D]  pairs of my experts
-    y      = grouped SwiGLU: rows sorted by local expert, jax.lax.ragged_dot   [R, D]
+    y      = dropless SwiGLU of the rows by local expert (dropless.py; grouped
+             matmul: ragged_dot on gpu/tpu, a loop on CPU)                      [R, D]
     back   = ragged_all_to_all(y) with the reverse plan                        [P, D]
     out    = sum_T  w * back[unsort]                                      [G_l, S, D]
 
@@ -27,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moejax.model.layers import clamped_swiglu
+from moejax.model.dropless import dropless_dispatch
 
 
 class ExchangePlan(NamedTuple):
@@ -94,24 +95,19 @@ def exchange(operand: jax.Array, output: jax.Array, plan: ExchangePlan, native: 
     return jax.lax.ragged_all_to_all(operand, output, *plan, axis_name="expert")
 
 
-def grouped_swiglu(rows: jax.Array, experts: jax.Array, weights: tuple[jax.Array, ...],
-                   swiglu_limit: float) -> jax.Array:
-    """Dropless SwiGLU of rows [R, D] with local expert ids [R] (outside [0, E_l): zero).
+def local_swiglu_rows(rows: jax.Array, experts: jax.Array, weights: tuple[jax.Array, ...],
+                     swiglu_limit: float) -> jax.Array:
+    """SwiGLU of rows [R, D] by local expert ids [R] (outside [0, E_l): zero), dropless.
 
-    Rows are sorted by expert and multiplied by `jax.lax.ragged_dot` against the stacked
-    weights [E_l, D, F] with group sizes [E_l]; the result is put back in row order.
+    The rows are R tokens with one choice each, weight 1: `dropless_dispatch` sorts them by
+    expert, runs the grouped matmuls and puts the results back in row order.
     """
-    gate, up, down = (w.astype(rows.dtype) for w in weights)
-    e_local = gate.shape[0]
-    ids = jnp.where((experts >= 0) & (experts < e_local), experts, e_local)
-    order = jnp.argsort(ids, stable=True)
-    sizes = jnp.zeros(e_local + 1, jnp.int32).at[ids].add(1)[:e_local]
-    xs = rows[order]
-    h = clamped_swiglu(jax.lax.ragged_dot(xs, gate, sizes),
-                       jax.lax.ragged_dot(xs, up, sizes), swiglu_limit)
-    y = jax.lax.ragged_dot(h, down, sizes)
-    y = jnp.where((ids[order] < e_local)[:, None], y, 0)
-    return jnp.zeros_like(y).at[order].set(y)
+    e_local = weights[0].shape[0]
+    valid = (experts >= 0) & (experts < e_local)
+    ids = jnp.where(valid, experts, e_local)[None, :, None]  # [1, R, 1]
+    ones = jnp.ones(ids.shape, rows.dtype)
+    out, _ = dropless_dispatch(rows[None], ids, ones, valid[None], weights, 0.0, swiglu_limit)
+    return out[0]
 
 
 def ragged_shard(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
@@ -132,7 +128,7 @@ def ragged_shard(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax
     send = x.reshape(g * s, d)[order // top_k]
     rows = exchange(send, jnp.zeros((r, d), x.dtype), forward, native)
     ids = exchange(eid[order], jnp.full((r,), -1, eid.dtype), forward, native)
-    y = grouped_swiglu(rows, ids - me * gate.shape[0], (gate, up, down), swiglu_limit)
+    y = local_swiglu_rows(rows, ids - me * gate.shape[0], (gate, up, down), swiglu_limit)
     if tensor:
         y = jax.lax.psum(y, "tensor")
     back = exchange(y, jnp.zeros((pairs, d), y.dtype), reverse, native)
