@@ -12,8 +12,8 @@ Backends (`backend=None` picks by platform, see `default_backend`):
   XLA:CPU lowers it densely (every row through every group: E times the FLOPs), so it is
   used on CPU only to test it.
 - "loop": for XLA:CPU. A loop over groups; each segment is cut into windows of `block`
-  rows plus one remainder window whose size is the smallest of block/8, block/4,
-  block/2, block that holds the remainder. A window is a dynamic slice of x, multiplied by
+  rows plus windows of block/2, block/4, block/8 rows for the remainder (its binary
+  decomposition; the last one masked). A window is a dynamic slice of x, multiplied by
   the group's [K, N] weights (one plain matmul) and written back with the rows outside the
   segment masked. The VJP is written by hand (`jax.custom_vjp`): dx is the same loop with
   w transposed, and dw[e] = sum over e's windows of x_w^T dy_w, accumulated in the loop
@@ -65,25 +65,31 @@ def _over_windows(start: jax.Array, size: jax.Array, block: int, total: int, vis
                   acc: jax.Array) -> jax.Array:
     """acc = visit(acc, s, rows, mask) for the windows covering rows [start, start + size).
 
-    size // block full windows (mask None), then one remainder window of a static class
-    size; its start s is clamped into [0, total - rows] and mask [rows] marks its rows that
-    lie inside the segment.
+    size // block full windows, then the remainder r < block as a binary decomposition:
+    one window of block/2 if r >= block/2, then block/4, block/8 (mask None: all rows
+    inside), and a last window of block/8 rows for what is left, whose start is clamped
+    into [0, total - rows] and whose mask [rows] marks the rows inside the segment.
+    Every window is a while loop of 0 or more trips, never a conditional: a conditional
+    would copy the carried [M, N] output on every call instead of updating it in place.
     """
+    def windows(acc: jax.Array, s: jax.Array, count: jax.Array, rows: int) -> jax.Array:
+        return lax.fori_loop(0, count, lambda j, a: visit(a, s + j * rows, rows, None), acc)
+
     full = size // block
-    acc = lax.fori_loop(0, full, lambda j, a: visit(a, start + j * block, block, None), acc)
-    rest_start, rest = start + full * block, size - full * block
-    classes = sorted({max(1, block // 8), max(1, block // 4), max(1, block // 2), block})
+    acc = windows(acc, start, full, block)
+    s, rest = start + full * block, size - full * block
+    smallest = max(1, block // 8)
+    for rows in sorted({max(1, block // 2), max(1, block // 4), smallest}, reverse=True):
+        if rows < block:
+            take = (rest >= rows).astype(jnp.int32)
+            acc = windows(acc, s, take, rows)
+            s, rest = s + take * rows, rest - take * rows
 
-    def window(rows: int) -> Callable[[jax.Array], jax.Array]:
-        def run(a: jax.Array) -> jax.Array:
-            s = jnp.clip(rest_start, 0, total - rows)
-            r = s + jnp.arange(rows)
-            return visit(a, s, rows, (r >= rest_start) & (r < start + size))
-        return run
-
-    pick = jnp.searchsorted(jnp.asarray(classes), rest, side="left") + 1
-    branch = jnp.where(rest == 0, 0, pick)
-    return lax.switch(branch, [lambda a: a] + [window(c) for c in classes], acc)
+    def last(j: jax.Array, a: jax.Array) -> jax.Array:
+        at = jnp.clip(s, 0, total - smallest)
+        r = at + jnp.arange(smallest)
+        return visit(a, at, smallest, (r >= s) & (r < start + size))
+    return lax.fori_loop(0, (rest > 0).astype(jnp.int32), last, acc)
 
 
 def _bounds(sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
