@@ -62,6 +62,8 @@ class V4MoEConfig:
     dispatch: str = "dense"  # "index" (capacity buffers), "dropless" (sorted) or "dense" (oracle)
     capacity_factor: float = 0.0  # C = ceil(cf * S * k / E); <= 0 = no drops
     group_size: int = 512  # tokens per dispatch group (capacity is per group)
+    expert_parallel: str = "gspmd"  # or "shard_map" (explicit transport, expert_parallel.py)
+    expert_transport: str = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto"
     balance_loss_coef: float = 0.0  # sequence-wise balance loss coefficient
     z_loss_coef: float = 0.0  # router z-loss coefficient
     bias_update_rate: float = 1e-3  # aux-loss-free balancing rate (non-hash layers use it)
@@ -164,6 +166,14 @@ def validate_moe(e: V4MoEConfig, num_layers: int, p: str) -> None:
            f"use one of {list(V4_SCORE_FUNCTIONS)}.")
     _check(e.dispatch in V4_DISPATCHES, f"{p}.dispatch", e.dispatch,
            f"use one of {list(V4_DISPATCHES)}.")
+    from moejax.config import EXPERT_PARALLEL, EXPERT_TRANSPORTS  # noqa: PLC0415
+    _check(e.expert_parallel in EXPERT_PARALLEL, f"{p}.expert_parallel", e.expert_parallel,
+           f"use one of {list(EXPERT_PARALLEL)}.")
+    _check(e.expert_transport in EXPERT_TRANSPORTS, f"{p}.expert_transport",
+           e.expert_transport, f"use one of {list(EXPERT_TRANSPORTS)}.")
+    _check(e.expert_parallel == "gspmd" or e.dispatch in ("index", "dropless"),
+           f"{p}.dispatch", e.dispatch, f"{p}.expert_parallel='shard_map' runs 'index' or "
+           "'dropless' per expert shard; pick one, or expert_parallel='gspmd'.")
     _check(0 <= e.num_hash_layers <= num_layers, f"{p}.num_hash_layers", e.num_hash_layers,
            f"must be between 0 and num_layers={num_layers}.")
     for name in ("swiglu_limit", "balance_loss_coef", "z_loss_coef", "bias_update_rate",

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.model.experts import DISPATCH
+from moejax.model.expert_parallel import select_dispatch
 from moejax.model.layers import MLP, normal_init
 from moejax.model.moe import group_size_for
 from moejax.model.router import Routing, routing_stats, select_experts
@@ -124,7 +124,8 @@ class V4MoE(nn.Module):
         s = group_size_for(b * length, cfg.group_size)
         g = b * length // s
         grouped = constrain(x.reshape(g, s, d), ("act_batch", None, "act_embed"))
-        routed, dropped = DISPATCH[cfg.dispatch](
+        dispatch = select_dispatch(cfg.dispatch, cfg.expert_parallel, cfg.expert_transport)
+        routed, dropped = dispatch(
             grouped, routing.indices.reshape(g, s, -1), routing.weights.reshape(g, s, -1),
             mask.reshape(g, s), weights, cfg.capacity_factor, cfg.swiglu_limit)
         y = routed.reshape(b, length, d)
