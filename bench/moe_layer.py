@@ -11,7 +11,8 @@ Expert parallelism: `--expert-parallel N` runs everything on a mesh with expert=
 CPU devices when there is no accelerator; the flag must be spelled with a space, it is read
 before JAX starts). Parameters and tokens are sharded by the logical rules; the default
 candidates are then "index" (GSPMD inserts the all-to-all) and "ep:all_gather" (the
-shard_map transport of moejax/model/expert_parallel.py; "ep:ragged" also works).
+shard_map transport of moejax/model/expert_parallel.py; "ep:all_gather:dropless" runs
+dropless dispatch per shard; "ep:ragged" is the emulated ragged_all_to_all off gpu/tpu).
 """
 from __future__ import annotations
 
@@ -79,10 +80,12 @@ def place_on_mesh(params: Any, x: jax.Array) -> tuple[Any, jax.Array]:
 
 
 def moe_config(dispatch: str, **fields: Any) -> MoEConfig:
-    """"ep:<transport>" -> index dispatch through the shard_map expert-parallel path."""
+    """"ep:<transport>[:<local dispatch>]" -> the shard_map expert-parallel path, running
+    index (default) or dropless dispatch on each expert shard's pairs."""
     if dispatch.startswith("ep:"):
-        return MoEConfig(dispatch="index", expert_parallel="shard_map",
-                         expert_transport=dispatch[3:], **fields)
+        transport, _, local = dispatch[3:].partition(":")
+        return MoEConfig(dispatch=local or "index", expert_parallel="shard_map",
+                         expert_transport=transport, **fields)
     return MoEConfig(dispatch=dispatch, **fields)
 
 
@@ -127,14 +130,14 @@ def main() -> None:
         print(f"# {jax.devices()[0].platform}, T={args.tokens}, D={args.dim}, "
               f"cf={args.capacity_factor}, group={args.group_size}"
               + (f", mesh {dict(mesh.shape)}" if mesh else ""))
-        print(f"{'impl':>14} {'E':>4} {'k':>2} {'pass':>8} {'ms':>9} {'x dense':>8}")
+        print(f"{'impl':>22} {'E':>4} {'k':>2} {'pass':>8} {'ms':>9} {'x dense':>8}")
     with use_mesh(mesh) if mesh else contextlib.nullcontext():
         for experts, top_k, hidden in CASES:
             for row in run_case(experts, top_k, hidden, args, args.dispatch.split(",")):
                 if args.json:
                     print(json.dumps(row), flush=True)
                 else:
-                    print(f"{row['impl']:>14} {experts:>4} {top_k:>2} {row['pass']:>8} "
+                    print(f"{row['impl']:>22} {experts:>4} {top_k:>2} {row['pass']:>8} "
                           f"{row['ms']:>9.1f} {row['ratio_vs_dense']:>8.2f}", flush=True)
 
 
