@@ -3,8 +3,10 @@
     python -m moejax.plan --config configs/deepseek_v4.py:pro
     moejax.load_config_file("configs/deepseek_v4.py:tiny")
 
-The `model` section holds the fields of `moejax.model.v4_config.V4Config` (build it with
-`v4_config(cfg.model)`); the mesh / data / train / optimizer sections are configs/tiny.py's.
+The `model` section holds the fields of `moejax.model.v4_config.V4Config` (its
+`architecture = "deepseek_v4"` makes `moejax.config.resolve` build one, so train.py and
+eval.py run these configs: `python train.py --config configs/deepseek_v4.py:tiny`); the
+mesh / data / train / optimizer sections are configs/tiny.py's.
 Published values are spec section 4 ([CFG] config.json); the per-layer schedule is the
 published `compress_ratios` (0 sliding-only, 4 CSA, 128 HCA; its last entry is the MTP
 layer's). `tiny` keeps every path live at CPU size: a sliding layer, CSA with index_topk
@@ -25,6 +27,7 @@ RATIO_TO_TYPE = {0: "sliding", 4: "csa", 128: "hca"}
 def _model(size: str) -> ml_collections.ConfigDict:
     flash, pro = size == "flash", size == "pro"
     m = ml_collections.ConfigDict()
+    m.architecture = "deepseek_v4"  # the model section is a V4Config (moejax.TransformerV4)
     m.vocab_size = 129280 if (flash or pro) else 384  # V (tiny: byte tokenizer, padded)
     m.embed_dim = {"flash": 4096, "pro": 7168}.get(size, 64)  # D
     m.num_layers = {"flash": 43, "pro": 61}.get(size, 4)  # decoder layers, all MoE

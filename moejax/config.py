@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from moejax.model.v4_config import V4Config
+
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DISPATCHES = ("dense", "einsum", "index", "dropless")
 EXPERT_PARALLEL = ("gspmd", "shard_map")  # who moves tokens to experts (see MoEConfig)
@@ -20,6 +22,10 @@ EXPERT_TRANSPORTS = ("auto", "all_gather", "ragged")  # shard_map transports
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe")
 ROPE_STYLES = ("half", "interleaved")
 ATTENTION_TYPES = ("gqa", "mla")
+# model.architecture: "transformer" = `moejax.Transformer` (dense / DeepSeek-V2/V3 MoE, GQA or
+# MLA; the ModelConfig fields below), "deepseek_v4" = `moejax.TransformerV4` (the model
+# section holds `moejax.model.v4_config.V4Config`'s fields instead).
+ARCHITECTURES = ("transformer", "deepseek_v4")
 DTYPES = ("float32", "bfloat16", "float16")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -77,6 +83,7 @@ class MTPConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    architecture: str = "transformer"  # see ARCHITECTURES; "deepseek_v4" builds a V4Config
     vocab_size: int = 512  # V
     embed_dim: int = 256  # D
     num_layers: int = 4  # decoder layers in total (dense + MoE)
@@ -103,6 +110,11 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return self.num_layers - self.num_dense_layers
+
+
+# What `Config.model` holds; both share vocab_size, embed_dim, num_layers, max_seq_len, dtype,
+# moe.num_experts / top_k / bias_update_rate, mtp.depth / loss_weight, num_dense_layers.
+AnyModelConfig = ModelConfig | V4Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +153,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = "adamw"  # "adamw" (later: "muon")
+    name: str = "adamw"  # "adamw", or "muon" (Muon on matrices + AdamW on the rest, as V4)
     learning_rate: float = 3e-3  # peak learning rate
     warmup_steps: int = 50  # linear warmup from 0 to the peak
     decay: str = "cosine"  # "cosine" to end_lr_fraction * peak at the last step, or "constant"
@@ -152,6 +164,8 @@ class OptimizerConfig:
     weight_decay: float = 0.1  # decoupled (AdamW) weight decay
     decay_embeddings: bool = False  # apply weight decay to embeddings / LM head
     grad_clip_norm: float = 1.0  # global-norm clipping (0 disables)
+    muon_momentum: float = 0.95  # Muon: Nesterov momentum of the matrix updates
+    muon_ns_steps: int = 5  # Muon: Newton-Schulz iterations of the orthogonalisation
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -220,6 +234,7 @@ def validate_model(m: ModelConfig) -> None:
            m.num_dense_layers, f"must be between 0 and model.num_layers={m.num_layers}.")
     _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
            f"must divide model.num_heads={m.num_heads}.")
+    _choice("model.architecture", m.architecture, ARCHITECTURES)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.param_dtype", m.param_dtype, DTYPES)
     _choice("model.remat_policy", m.remat_policy, REMAT_POLICIES)
@@ -279,7 +294,7 @@ def validate_moe(e: MoEConfig) -> None:
         _check(getattr(e, name) >= 0, f"model.moe.{name}", getattr(e, name), "must be >= 0.")
 
 
-def validate_mesh(mesh: MeshConfig, model: ModelConfig | None = None) -> None:
+def validate_mesh(mesh: MeshConfig, model: AnyModelConfig | None = None) -> None:
     """Checks axis sizes and that the model's sharded dims divide by them."""
     sizes = {a: getattr(mesh, a) for a in MESH_AXES}
     for axis, size in sizes.items():
@@ -296,20 +311,34 @@ def validate_mesh(mesh: MeshConfig, model: ModelConfig | None = None) -> None:
         _check(model.moe.expert_hidden % mesh.tensor == 0, "model.moe.expert_hidden",
                model.moe.expert_hidden, f"must be divisible by mesh.tensor={mesh.tensor} "
                "with model.moe.expert_parallel='shard_map' (F is split over tensor).")
-    if mesh.tensor > 1:  # MLA shards its query heads, GQA its key/value heads
-        heads = "num_heads" if model.attention_type == "mla" else "num_kv_heads"
-        _check(getattr(model, heads) % mesh.tensor == 0, f"model.{heads}",
-               getattr(model, heads), f"must be divisible by mesh.tensor={mesh.tensor}.")
+    if mesh.tensor > 1:  # MLA and V4 shard their query heads, GQA its key/value heads
+        owner, heads = model, "num_kv_heads"
+        if model.architecture == "deepseek_v4":
+            owner, heads = model.attention, "attention.num_heads"
+        elif model.attention_type == "mla":
+            heads = "num_heads"
+        count = getattr(owner, heads.rsplit(".", 1)[-1])
+        _check(count % mesh.tensor == 0, f"model.{heads}", count,
+               f"must be divisible by mesh.tensor={mesh.tensor}.")
 
 
-def model_config(section: Any) -> ModelConfig:
-    """Builds and validates the model section."""
+def model_config(section: Any) -> AnyModelConfig:
+    """Builds and validates the model section: a ModelConfig, or a V4Config when
+    `architecture == "deepseek_v4"`."""
+    if dataclasses.is_dataclass(section):
+        architecture = getattr(section, "architecture", "transformer")
+    else:
+        architecture = section.get("architecture", "transformer")
+    _choice("model.architecture", architecture, ARCHITECTURES)
+    if architecture == "deepseek_v4":
+        from moejax.model.v4_config import v4_config  # noqa: PLC0415 (it imports config)
+        return v4_config(section)
     model = dataclass_from_dict(ModelConfig, section, "model")
     validate_model(model)
     return model
 
 
-def mesh_config(section: Any, model: ModelConfig | None = None) -> MeshConfig:
+def mesh_config(section: Any, model: AnyModelConfig | None = None) -> MeshConfig:
     """Builds and validates the mesh section (against the model when given)."""
     mesh = dataclass_from_dict(MeshConfig, section, "mesh")
     validate_mesh(mesh, model)
@@ -325,7 +354,7 @@ def validate_data(d: DataConfig) -> None:
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0.")
 
 
-def validate_train(t: TrainConfig, model: ModelConfig) -> None:
+def validate_train(t: TrainConfig, model: AnyModelConfig) -> None:
     for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every",
                  "save_every", "keep_checkpoints", "eval_batches"):
         _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "must be > 0.")
@@ -337,7 +366,10 @@ def validate_train(t: TrainConfig, model: ModelConfig) -> None:
 
 
 def validate_optimizer(o: OptimizerConfig) -> None:
-    _choice("optimizer.name", o.name, ("adamw",))
+    _choice("optimizer.name", o.name, ("adamw", "muon"))
+    _check(0 <= o.muon_momentum < 1, "optimizer.muon_momentum", o.muon_momentum,
+           "must be in [0, 1).")
+    _check(o.muon_ns_steps > 0, "optimizer.muon_ns_steps", o.muon_ns_steps, "must be > 0.")
     _choice("optimizer.decay", o.decay, ("cosine", "constant"))
     _check(o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate, "must be > 0.")
     _check(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0.")
@@ -348,7 +380,7 @@ def validate_optimizer(o: OptimizerConfig) -> None:
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The whole resolved experiment; sections absent from the ConfigDict take defaults."""
-    model: ModelConfig
+    model: AnyModelConfig
     mesh: MeshConfig
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()

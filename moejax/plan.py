@@ -4,8 +4,8 @@
     python -m moejax.plan --config configs/tiny.py
 
 The model is built with `jax.eval_shape(model.init, ...)` (shapes only), so a 1.6T-parameter
-model plans on a laptop. A config whose model section has an `hc` sub-section (or a `v4`
-section) is a DeepSeek-V4 model (`TransformerV4`), anything else a `moejax.Transformer`.
+model plans on a laptop. A model section with `architecture = "deepseek_v4"` is a
+DeepSeek-V4 model (`TransformerV4`), anything else a `moejax.Transformer`.
 
 Reported (`--json`: one object with exactly these keys):
 
@@ -134,10 +134,8 @@ def plan(cfg: Any, seq_len: int | None = None) -> dict[str, float]:
     """The plan of a ConfigDict (an experiment) at `seq_len` (default: train.seq_len)."""
     if seq_len is None:
         seq_len = int(cfg.train.seq_len) if "train" in cfg else 4096
-    if "hc" in cfg.model:  # configs/deepseek_v4.py: the model section is a V4Config
+    if cfg.model.get("architecture", "transformer") == "deepseek_v4":
         return plan_v4(cfg.model, seq_len)
-    if cfg.model.get("v4") is not None:  # a `model.v4` section (once config.py has one)
-        return plan_v4(cfg.model.v4, seq_len)
     return plan_transformer(cfg.model, seq_len)
 
 

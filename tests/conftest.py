@@ -10,9 +10,21 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# XLA:CPU compiles dominate the suite on 2 cores; a persistent cache (shared with the
+# train.py / eval.py subprocesses through subprocess_env) compiles each program once per
+# machine. MOEJAX_TEST_JAX_CACHE moves it.
+CACHE = os.environ.get("MOEJAX_TEST_JAX_CACHE",
+                       os.path.join(tempfile.gettempdir(), "moejax-test-jax-cache"))
+if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pathlib  # noqa: E402
 
@@ -26,6 +38,13 @@ SMALL_MODEL = [
     "model.moe.top_k=2", "model.moe.expert_hidden=32", "model.moe.group_size=32",
     "model.max_seq_len=256", "model.moe.balance_loss_coef=0.01", "model.moe.z_loss_coef=0.001",
 ]
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for train.py / eval.py subprocesses: CPU, 8 devices, the compile cache."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def small_config(*overrides: str):

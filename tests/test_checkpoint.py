@@ -8,8 +8,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import small_config
-from test_train import TRAIN, subprocess_env, train_py_args
+from conftest import small_config, subprocess_env
+from test_train import TRAIN, train_py_args
 
 import moejax
 from moejax.config import resolve

@@ -1,17 +1,15 @@
 """Training: loss masking, optimizer (mask, schedule), gradient accumulation, train.py."""
 import json
 import math
-import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, SMALL_MODEL, small_config
+from conftest import ROOT, SMALL_MODEL, small_config, subprocess_env
 
 import moejax
 from moejax.config import OptimizerConfig, load_config, resolve
@@ -20,28 +18,12 @@ from moejax.train import (decay_mask, flops_per_token, init_state, learning_rate
                           train_and_evaluate)
 from moejax.train.optimizer import decays
 
-# XLA compiles dominate these tests on 2 CPU cores; a persistent cache shared with the
-# train.py subprocesses makes every program compile once per machine.
-CACHE = os.environ.get("MOEJAX_TEST_JAX_CACHE",
-                       os.path.join(tempfile.gettempdir(), "moejax-test-jax-cache"))
-if not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
 # Training overrides shared by every training test (same shapes -> same compiled programs).
 TRAIN = ["model.vocab_size=384", "train.batch_size=8", "train.seq_len=32", "train.log_every=1",
          "train.save_every=2", "train.eval_batches=1", "optimizer.warmup_steps=1"]
 METRICS = ["loss", "perplexity", "learning_rate", "grad_norm", "tokens_per_second",
            "step_time", "mfu", "moe/balance_loss", "moe/z_loss", "moe/dropped_fraction",
            "moe/bias_norm", "moe/load_max_over_mean/layer_1", "moe/load_max_over_mean/layer_2"]
-
-
-def subprocess_env() -> dict[str, str]:
-    """Environment for train.py subprocesses: CPU, 8 devices, the shared compile cache."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": CACHE,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def train_py_args(workdir: pathlib.Path, *overrides: str) -> list[str]:

@@ -6,15 +6,15 @@ decode step's few tokens would otherwise compete for per-group capacity.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.config import ModelConfig
-from moejax.model.transformer import Transformer
+from moejax.config import AnyModelConfig
+from moejax.model.build import build_model, drop_free
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float
@@ -32,13 +32,12 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_p: 
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def decoding_model(cfg: ModelConfig) -> Transformer:
+def decoding_model(cfg: AnyModelConfig) -> nn.Module:
     """The same architecture in decode mode, with drop-free routing."""
-    moe = dataclasses.replace(cfg.moe, capacity_factor=0.0)
-    return Transformer(dataclasses.replace(cfg, moe=moe), decode=True)
+    return build_model(drop_free(cfg), decode=True)
 
 
-def generate(cfg: ModelConfig, variables: Any, prompt: np.ndarray, num_samples: int,
+def generate(cfg: AnyModelConfig, variables: Any, prompt: np.ndarray, num_samples: int,
              max_new_tokens: int, rng: jax.Array, temperature: float = 1.0,
              top_p: float = 1.0) -> np.ndarray:
     """Returns [num_samples, len(prompt) + max_new_tokens] token ids (prompt included)."""
@@ -56,7 +55,7 @@ def generate(cfg: ModelConfig, variables: Any, prompt: np.ndarray, num_samples: 
     return np.concatenate([np.asarray(tokens), np.asarray(new)], axis=1)
 
 
-def _generate(model: Transformer, weights: Any, tokens: jax.Array, rng: jax.Array,
+def _generate(model: nn.Module, weights: Any, tokens: jax.Array, rng: jax.Array,
               steps: int, temperature: float, top_p: float) -> jax.Array:
     @jax.jit
     def run(weights: Any, tokens: jax.Array, rng: jax.Array) -> jax.Array:

@@ -64,7 +64,7 @@ def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> path
     from moejax import data as moedata
     from moejax.sharding import make_mesh, use_mesh
     from moejax.train import checkpoint
-    from moejax.train.state import TrainState, make_setup
+    from moejax.train.state import FROZEN, TrainState, make_setup
 
     config, variables = load_any(hf_dir, dtype)
     cfg = resolve(config)
@@ -77,7 +77,8 @@ def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> path
         params = variables["params"]
         state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                            opt_state=setup.tx.init(params),
-                           moe_bias=variables.get("moe_bias", {}))
+                           moe_bias=variables.get("moe_bias", {}),
+                           frozen={c: variables[c] for c in FROZEN if c in variables})
         state = jax.device_put(state, setup.shardings)
         tokenizer = moedata.make_tokenizer(cfg.data.tokenizer)
         train_it = moedata.make_train_iterator(

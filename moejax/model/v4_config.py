@@ -85,6 +85,7 @@ class V4MTPConfig:
 
 @dataclasses.dataclass(frozen=True)
 class V4Config:
+    architecture: str = "deepseek_v4"  # marks the model section as V4 (moejax.config)
     vocab_size: int = 256  # V
     embed_dim: int = 64  # D
     num_layers: int = 4  # decoder layers (all MoE)
@@ -184,6 +185,8 @@ def validate_moe(e: V4MoEConfig, num_layers: int, p: str) -> None:
 def validate_v4(c: V4Config, prefix: str = "model") -> None:
     """Checks every field; raises ValueError naming the field, the value and the fix."""
     from moejax.config import DTYPES, REMAT_POLICIES  # noqa: PLC0415 (config may import us)
+    _check(c.architecture == "deepseek_v4", f"{prefix}.architecture", c.architecture,
+           "a V4Config is architecture='deepseek_v4'.")
     _positive(c, prefix, ("vocab_size", "embed_dim", "num_layers", "max_seq_len", "norm_eps",
                           "init_std"))
     _check(c.dtype in DTYPES, f"{prefix}.dtype", c.dtype, f"use one of {list(DTYPES)}.")

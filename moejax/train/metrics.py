@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from moejax.config import ModelConfig, active_params_per_token
+from moejax.config import AnyModelConfig, active_params_per_token
 
 # Dense bf16 peak FLOP/s per chip, matched against `device.device_kind` (first hit wins,
 # so more specific names come first). Sources: Google Cloud TPU and NVIDIA data sheets
@@ -55,8 +55,11 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 CPU_PEAK_FLOPS = 1e11
 
 
-def flops_per_token(m: ModelConfig, seq_len: int) -> float:
+def flops_per_token(m: AnyModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 * N_active + 12 * num_layers * seq_len * H * K.
+
+    A DeepSeek-V4 model (architecture "deepseek_v4") takes the figure of `moejax.plan`,
+    which counts its compressed-attention keys per layer type (see that module).
 
     N_active counts the matmul weights one token passes through (attention projections of
     every layer, the dense FFNs, the top_k routed + shared experts and the router of every
@@ -65,6 +68,9 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     matmuls, QK^T and AV, 2 * 2 * seq_len * H * K per token and layer forward, times 3 with
     the backward pass; causal masking is not discounted (the PaLM convention).
     """
+    if m.architecture == "deepseek_v4":
+        from moejax.plan import plan_v4  # noqa: PLC0415 (plan builds models)
+        return float(plan_v4(m, seq_len)["flops_per_token"])
     per_layer = active_params_per_token(m)
     n_active = (m.num_layers * per_layer["attention"]
                 + m.num_dense_layers * per_layer["dense_ffn"]

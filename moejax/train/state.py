@@ -1,8 +1,9 @@
 """The train state and its sharded initialisation.
 
 `TrainState` holds everything a step changes: the step count, the parameters, the optax
-state and the router balance biases (the `moe_bias` collection, updated without
-gradients). It is created already sharded:
+state, the router balance biases (the `moe_bias` collection, updated without gradients)
+and the frozen variables (DeepSeek-V4's `hash_routing` token -> experts tables: drawn once
+at init, saved with every checkpoint, never updated). It is created already sharded:
 
   1. `jax.eval_shape(model.init)` gives boxed abstract variables with logical axis names;
   2. `sharding.param_shardings` maps the names to NamedShardings on the mesh;
@@ -24,9 +25,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax.config import Config
-from moejax.model.transformer import BIAS_COLLECTION, Transformer
+from moejax.model.build import build_model
+from moejax.model.transformer import BIAS_COLLECTION
+from moejax.model.v4_moe import HASH_COLLECTION
 from moejax.sharding import param_shardings
-from moejax.train.optimizer import decay_mask, make_optimizer
+from moejax.train.optimizer import make_optimizer
 
 
 @flax.struct.dataclass
@@ -36,23 +39,29 @@ class TrainState:
     params: Any  # unboxed parameter tree
     opt_state: Any  # optax state of `TrainSetup.tx`
     moe_bias: Any  # {"bias": [L_moe, E] fp32} or {} for a model without MoE layers
+    frozen: Any = dataclasses.field(default_factory=dict)  # {collection: tree}, see FROZEN
 
     def variables(self) -> dict[str, Any]:
         """The `model.apply` variables dict."""
-        return model_variables(self.params, self.moe_bias)
+        return model_variables(self.params, self.moe_bias, self.frozen)
 
 
-def model_variables(params: Any, moe_bias: Any) -> dict[str, Any]:
-    """{"params": ..., "moe_bias": ...} for `model.apply` (no bias collection if empty)."""
+# Variable collections that are part of the model but never change after init.
+FROZEN = (HASH_COLLECTION,)
+
+
+def model_variables(params: Any, moe_bias: Any, frozen: Any = None) -> dict[str, Any]:
+    """{"params", "moe_bias", *frozen} for `model.apply` (empty collections left out)."""
+    variables = {"params": params, **(frozen or {})}
     if moe_bias:
-        return {"params": params, BIAS_COLLECTION: moe_bias}
-    return {"params": params}
+        variables[BIAS_COLLECTION] = moe_bias
+    return variables
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
     """The model, its optimizer and the state's layout on `mesh` (nothing allocated)."""
-    model: Transformer
+    model: nn.Module  # moejax.Transformer or moejax.TransformerV4 (see build_model)
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     mesh: Mesh
@@ -67,17 +76,36 @@ def _init_tokens() -> jax.Array:
 
 def _follow_params(abstract_opt: Any, abstract_params: Any, shardings: Any,
                    replicated: NamedSharding) -> Any:
-    """Shardings of an optax state: param-shaped subtrees take the param shardings."""
+    """Shardings of an optax state: param-shaped subtrees take the param shardings.
+
+    A subtree is param-shaped if it is the parameter tree with the same leaf shapes, where
+    some leaves may be `optax.MaskedNode` (the states of `optax.masked` / `multi_transform`,
+    e.g. Muon's momentum, which holds only the matrices).
+    """
     params_def = jax.tree.structure(abstract_params)
-    shapes = [x.shape for x in jax.tree.leaves(abstract_params)]
+    param_leaves = jax.tree.leaves(abstract_params)
+    sharding_leaves = params_def.flatten_up_to(shardings)
 
-    def like_params(node: Any) -> bool:
-        if jax.tree.structure(node) != params_def:
-            return False
-        return [x.shape for x in jax.tree.leaves(node)] == shapes
+    def masked(x: Any) -> bool:
+        return isinstance(x, optax.MaskedNode)
 
-    return jax.tree.map(lambda node: shardings if like_params(node) else replicated,
-                        abstract_opt, is_leaf=like_params)
+    def subtrees(node: Any) -> list[Any] | None:
+        try:
+            leaves = params_def.flatten_up_to(node)
+        except (ValueError, TypeError):
+            return None
+        same = all(masked(n) or getattr(n, "shape", None) == p.shape
+                   for n, p in zip(leaves, param_leaves))
+        return leaves if same else None
+
+    def follow(node: Any) -> Any:
+        leaves = subtrees(node)
+        if leaves is None:
+            return replicated
+        return params_def.unflatten([n if masked(n) else s
+                                     for n, s in zip(leaves, sharding_leaves)])
+
+    return jax.tree.map(follow, abstract_opt, is_leaf=lambda n: subtrees(n) is not None)
 
 
 def make_setup(cfg: Config, mesh: Mesh) -> TrainSetup:
@@ -86,19 +114,19 @@ def make_setup(cfg: Config, mesh: Mesh) -> TrainSetup:
     Call inside `sharding.use_mesh(mesh)` (the model's activation constraints need it when
     `init_fn` is traced).
     """
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     rng = jax.random.key(0)
     boxed = jax.eval_shape(model.init, rng, _init_tokens())
     var_shardings = param_shardings(boxed, mesh)
-    mask = decay_mask(boxed["params"], cfg.optimizer.decay_embeddings)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, mask)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, boxed["params"])
 
     def init_fn(key: jax.Array) -> TrainState:
         variables = nn.unbox(model.init(key, _init_tokens()))
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params),
-                          moe_bias=variables.get(BIAS_COLLECTION, {}))
+                          moe_bias=variables.get(BIAS_COLLECTION, {}),
+                          frozen={c: variables[c] for c in FROZEN if c in variables})
 
     shapes = jax.eval_shape(init_fn, rng)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -106,7 +134,8 @@ def make_setup(cfg: Config, mesh: Mesh) -> TrainSetup:
         step=replicated, params=var_shardings["params"],
         opt_state=_follow_params(shapes.opt_state, shapes.params, var_shardings["params"],
                                  replicated),
-        moe_bias=var_shardings.get(BIAS_COLLECTION, {}))
+        moe_bias=var_shardings.get(BIAS_COLLECTION, {}),
+        frozen={c: var_shardings[c] for c in FROZEN if c in var_shardings})
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             shapes, shardings)
     return TrainSetup(model, tx, schedule, mesh, shardings, abstract, init_fn)

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from moejax.config import Config
 from moejax.model.router import update_balance_bias
 from moejax.sharding import logical_to_spec
-from moejax.train.state import TrainSetup, TrainState, model_variables
+from moejax.train.state import TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
 MOE_STATS = ("balance_loss", "z_loss", "dropped_fraction", "expert_load", "mtp_expert_load")
@@ -74,12 +74,12 @@ def split_micro_batches(batch: Batch, num_micro: int) -> Batch:
     return jax.tree.map(one, batch)
 
 
-def _micro_loss(setup: TrainSetup, cfg: Config, p: Any, moe_bias: Any, mb: Batch,
+def _micro_loss(setup: TrainSetup, cfg: Config, p: Any, fixed: Any, mb: Batch,
                 rng: jax.Array, denoms: tuple[jax.Array, jax.Array], num_micro: int
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One micro-batch's share of the batch loss, and its statistics (sums or means / M)."""
     kwargs = {"with_mtp": True} if mtp_depth(cfg) else {}
-    logits, aux = setup.model.apply(model_variables(p, moe_bias), mb["tokens"],
+    logits, aux = setup.model.apply({"params": p, **fixed}, mb["tokens"],
                                     mb["segment_ids"], mb["positions"],
                                     rngs={"dropout": rng}, **kwargs)
     nll, count = token_nll(logits, mb["tokens"], mb["segment_ids"])
@@ -100,12 +100,13 @@ def _micro_loss(setup: TrainSetup, cfg: Config, p: Any, moe_bias: Any, mb: Batch
     return loss + moe_loss + indexer_loss, stats
 
 
-def _micro_grads(setup: TrainSetup, cfg: Config, params: Any, moe_bias: Any, mb: Batch,
+def _micro_grads(setup: TrainSetup, cfg: Config, params: Any, fixed: Any, mb: Batch,
                  rng: jax.Array, denoms: tuple[jax.Array, jax.Array], num_micro: int
                  ) -> tuple[Any, dict[str, jax.Array]]:
-    """fp32 gradient and statistics of one micro-batch."""
+    """fp32 gradient and statistics of one micro-batch; `fixed` holds the variable
+    collections that get no gradient (balance biases, frozen tables)."""
     grads, stats = jax.grad(
-        lambda p: _micro_loss(setup, cfg, p, moe_bias, mb, rng, denoms, num_micro),
+        lambda p: _micro_loss(setup, cfg, p, fixed, mb, rng, denoms, num_micro),
         has_aux=True)(params)
     return jax.tree.map(lambda g: g.astype(jnp.float32), grads), stats
 
@@ -124,7 +125,8 @@ def gradients(setup: TrainSetup, cfg: Config, state: TrainState, batch: Batch,
     """Summed gradient of the batch loss over train.micro_batches micro-batches (lax.scan)."""
     num_micro = cfg.train.micro_batches
     denoms = _denominators(batch["segment_ids"], mtp_depth(cfg) > 0)
-    one = lambda mb, r: _micro_grads(setup, cfg, state.params, state.moe_bias,  # noqa: E731
+    fixed = {k: v for k, v in state.variables().items() if k != "params"}
+    one = lambda mb, r: _micro_grads(setup, cfg, state.params, fixed,  # noqa: E731
                                      mb, r, denoms, num_micro)
     if num_micro == 1:
         return one(batch, rng)
