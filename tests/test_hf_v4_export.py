@@ -128,9 +128,6 @@ def test_cli_import_then_export_gives_back_the_same_folder(tmp_path):
     folder -> a step-0 training checkpoint (hash tables in its frozen state) -> the same
     tensors and config.json."""
     from moejax.interop.hf_cli import export_checkpoint, import_checkpoint
-    from moejax.train import state
-    if not hasattr(state, "FROZEN"):  # the V4 training wiring (hash tables in the state)
-        pytest.skip("this moejax cannot train V4 yet")
     cfg = dataclasses.replace(V4Config(), vocab_size=384)  # the default byte tokenizer's
     variables = _without_hash_bias_rows(
         _randomise_variables(hf_v4.abstract_variables(cfg), seed=5), cfg)

@@ -132,8 +132,6 @@ def test_train_step_adds_the_indexer_loss_and_moves_the_indexer():
     from moejax.sharding import make_mesh, use_mesh
     from moejax.train import state as train_state
     from moejax.train.step import make_train_step
-    if not hasattr(train_state, "FROZEN"):  # the V4 training wiring (hash tables in the state)
-        pytest.skip("this moejax cannot train V4 yet")
     from conftest import ROOT
     cfg = resolve(load_config(str(ROOT / "configs/deepseek_v4.py") + ":tiny", [
         "model.num_layers=2", "model.attention.layer_types=('sliding','csa')",
