@@ -9,7 +9,8 @@ import pytest
 from moejax.model.hyper import HyperConnection, sinkhorn
 from moejax.model.v4_config import V4Config, V4MoEConfig, v4_config
 from moejax.model.layers import clamped_swiglu
-from moejax.model.v4_moe import DISPATCH, V4Router, random_tid2eid, sqrtsoftplus
+from moejax.model.experts import DISPATCH
+from moejax.model.v4_moe import V4Router, random_tid2eid, sqrtsoftplus
 
 # ----------------------------------------------------------------------------- mHC
 
