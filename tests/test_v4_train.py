@@ -78,8 +78,8 @@ SHARDED = ("mesh.data=2", "mesh.expert=2", "mesh.tensor=2")
     pytest.param(SHARDED, marks=pytest.mark.slow),  # ~2 min of XLA:CPU compilation
 ])
 def test_v4_trains_with_muon_and_checkpoints_its_hash_tables(tmp_path, mesh):
-    """3 Muon steps: loss falls, the tid2eid tables are saved and never change, the state
-    restores onto another mesh, and Muon's momentum is sharded like its parameters."""
+    """3 Muon steps: loss falls, the tid2eid tables are saved and never change, the hash
+    layer's balance bias stays 0, and the state restores onto another mesh."""
     cfg = resolve(v4_config("train.steps=3", "optimizer.name='muon'",
                             "optimizer.learning_rate=0.01", *mesh))
     result = train_and_evaluate(cfg, tmp_path)
@@ -98,6 +98,8 @@ def test_v4_trains_with_muon_and_checkpoints_its_hash_tables(tmp_path, mesh):
     assert tables and all(t.dtype == np.int32 for t in tables)
     jax.tree.map(np.testing.assert_array_equal, state.frozen, earlier.frozen)
     assert int(state.step) == 3 and int(earlier.step) == 2
+    bias = np.asarray(state.moe_bias["bias"])  # layer 0 routes by hash: its row never moves
+    assert not bias[0].any() and bias[1:].any()
 
 
 def test_muon_momentum_is_sharded_like_its_parameters():

@@ -176,10 +176,21 @@ def _step_metrics(stats: dict[str, jax.Array], grad_norm: jax.Array, lr: jax.Arr
     return metrics
 
 
+def bias_update_rates(cfg: Config) -> dict[str, Any]:
+    """moe_bias variable -> its update rate: a scalar, or [L, 1] rows for DeepSeek-V4,
+    whose hash-routed layers never read their bias row (it stays 0, as in checkpoints)."""
+    rate = cfg.model.moe.bias_update_rate
+    rates: dict[str, Any] = {name: rate for name in BIAS_LOADS}
+    if cfg.model.architecture == "deepseek_v4":
+        learned = [not cfg.model.is_hash(layer) for layer in range(cfg.model.num_layers)]
+        rates["bias"] = rate * jnp.asarray(learned, jnp.float32)[:, None]
+    return rates
+
+
 def train_step_fn(setup: TrainSetup, cfg: Config
                   ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """The pure step: (state, batch, seed_key) -> (next state, metrics of this step)."""
-    rate = cfg.model.moe.bias_update_rate
+    rates = bias_update_rates(cfg)
     mtp_weight = cfg.model.mtp.loss_weight if mtp_depth(cfg) else 0.0
 
     def step(state: TrainState, batch: Batch, seed_key: jax.Array
