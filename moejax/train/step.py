@@ -200,11 +200,11 @@ def train_step_fn(setup: TrainSetup, cfg: Config
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        moe_bias = {name: update_balance_bias(bias, stats[BIAS_LOADS[name]], rate)
+        moe_bias = {name: update_balance_bias(bias, stats[BIAS_LOADS[name]], rates[name])
                     for name, bias in state.moe_bias.items()}
         lr = jnp.asarray(setup.schedule(state.step), jnp.float32)
         metrics = _step_metrics(stats, optax.tree.norm(grads), lr, moe_bias, mtp_weight)
-        return TrainState(state.step + 1, params, opt_state, moe_bias), metrics
+        return TrainState(state.step + 1, params, opt_state, moe_bias, state.frozen), metrics
     return step
 
 
