@@ -19,13 +19,16 @@ The local computation follows `model.moe.dispatch`, restricted to the local expe
 - "dropless": `dropless.dropless_dispatch` on the gathered pairs, the pairs of other
   shards' experts given the padding id E_l (sorted last, never computed). Nothing drops;
   the grouped matmul only visits the local pairs.
-Per step and direction it moves (n-1) G_l S D values, against ~cf T G_l S D for an
-all-to-all of the capacity buffers: cheaper for small n, dearer for large n.
+Cost per shard and direction: (n-1) G_l S D values moved, against (n-1)/n cf T G_l S D
+for the all-to-all of capacity buffers, so fewer bytes while n < cf T. But the routing
+bookkeeping (slot assignment or sort, gathers, combine) runs on all n G_l gathered groups
+on every shard, n times the dispatch work of the GSPMD path; only the expert matmuls are
+split (bench/README.md has the measurement).
 
 Transport "ragged" (GPU/TPU; emulated by all-gathers elsewhere, for tests): pairs are
-sorted by destination expert, exchanged with `jax.lax.ragged_all_to_all`, computed with
-`jax.lax.ragged_dot` (sorted grouped matmul) and sent back; see ragged_exchange.py.
-"auto" picks "ragged" on gpu/tpu and "all_gather" on other platforms.
+sorted by destination expert, exchanged with `jax.lax.ragged_all_to_all`, computed
+dropless (dropless.py's grouped matmul: ragged_dot on gpu/tpu) and sent back; see
+ragged_exchange.py. "auto" picks "ragged" on gpu/tpu and "all_gather" elsewhere.
 
 If the token groups do not divide over the expert axis (logical_to_spec then keeps them
 whole on it), each expert shard already holds the whole group: no gather, and the final
@@ -34,6 +37,7 @@ reduce-scatter becomes a psum.
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
@@ -178,10 +182,11 @@ def expert_parallel_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Arra
                                  capacity_factor=capacity_factor, swiglu_limit=swiglu_limit,
                                  tensor=t > 1, batch_axes=batch_axes,
                                  native=_native_ragged(mesh))
-    else:  # tokens whole on the expert axis: nothing to exchange, the all_gather body psums
-        body = functools.partial(_all_gather_shard, c=capacity(s, indices.shape[-1],
-                                 num_experts, capacity_factor), local=local,
-                                 swiglu_limit=swiglu_limit, gather=gather, tensor=t > 1, batch_axes=batch_axes)
+    else:  # all_gather, or tokens already whole on the expert axis (then no gather, a psum)
+        c = capacity(s, indices.shape[-1], num_experts, capacity_factor)
+        body = functools.partial(_all_gather_shard, c=c, local=local,
+                                 swiglu_limit=swiglu_limit, gather=gather, tensor=t > 1,
+                                 batch_axes=batch_axes)
     # dropless.py's loops and custom VJPs are not typed for shard_map's varying-axis check
     # (loop carries start invariant, weight cotangents come back varying over the batch
     # axes); without the check, shard_map's transpose psums them (tests hold the grads).
