@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--group-size", type=int, default=512)
     parser.add_argument("--capacity-factor", type=float, default=1.25)
-    parser.add_argument("--dispatch", default=None, help="default index,einsum,dense; "
+    parser.add_argument("--dispatch", default=None, help="default index,dropless,einsum,dense; "
                         "with --expert-parallel: index,ep:all_gather")
     parser.add_argument("--expert-parallel", type=int, default=0,
                         help="N: mesh expert=N (N fake CPU devices off accelerators)")
@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args()
     ep = args.expert_parallel
-    args.dispatch = args.dispatch or ("index,ep:all_gather" if ep else "index,einsum,dense")
+    args.dispatch = args.dispatch or ("index,ep:all_gather" if ep else
+                                      "index,dropless,einsum,dense")
     mesh = make_mesh(MeshConfig(data=-1, expert=ep)) if ep else None
     if not args.json:
         print(f"# {jax.devices()[0].platform}, T={args.tokens}, D={args.dim}, "

@@ -18,8 +18,9 @@ from moejax.model.router import select_experts
 from moejax.sharding import param_shardings
 
 G, S, D, E, F, T = 2, 16, 8, 4, 6, 2
-# (backend, block of the loop backend, swiglu limit); block 4 gives full + remainder windows
-CASES = [("loop", 4, 0.5), ("loop", 128, 0.0), ("ragged_dot", 128, 0.5)]
+# (backend, largest/smallest row window of the loop backend, swiglu limit); windows 8/2 give
+# full windows, windows of 4 and 2 rows for the remainder and a last masked one.
+CASES = [("loop", (8, 2), 0.5), ("loop", (512, 16), 0.0), ("ragged_dot", (0, 0), 0.5)]
 
 
 def _problem(seed: int = 0, mask_last: int = 3, one_expert: bool = False):
@@ -63,15 +64,17 @@ def _assert_matches_oracle(fn, seed=0, one_expert=False, limit=0.0):
     np.testing.assert_array_equal(g[0][:, S - 3:], 0.0)
 
 
-@pytest.mark.parametrize("backend,block,limit", CASES)
-def test_values_and_grads_equal_the_oracle(backend, block, limit):
-    fn = functools.partial(dropless_dispatch, backend=backend, block=block)
+@pytest.mark.parametrize("backend,windows,limit", CASES)
+def test_values_and_grads_equal_the_oracle(backend, windows, limit):
+    fn = functools.partial(dropless_dispatch, backend=backend, block=windows[0],
+                           min_rows=windows[1])
     _assert_matches_oracle(fn, limit=limit)
 
 
-@pytest.mark.parametrize("backend,block,limit", CASES)
-def test_all_tokens_to_one_expert_drop_nothing(backend, block, limit):
-    fn = functools.partial(dropless_dispatch, backend=backend, block=block)
+@pytest.mark.parametrize("backend,windows,limit", CASES)
+def test_all_tokens_to_one_expert_drop_nothing(backend, windows, limit):
+    fn = functools.partial(dropless_dispatch, backend=backend, block=windows[0],
+                           min_rows=windows[1])
     _assert_matches_oracle(fn, seed=1, one_expert=True, limit=limit)
 
 
@@ -88,7 +91,7 @@ def test_grouped_matmul_segments_and_empty_groups(backend):
     x = jnp.asarray(rng.normal(size=(23, 5)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(4, 5, 3)), jnp.float32)
     sizes = jnp.asarray([6, 0, 11, 3], jnp.int32)  # rows 20..22 belong to no group
-    y = grouped_matmul(x, w, sizes, backend, block=4)
+    y = grouped_matmul(x, w, sizes, backend, block=8, min_rows=2)
     group = np.repeat([0, 1, 2, 3], [6, 0, 11, 3])
     np.testing.assert_allclose(y[:20], np.einsum("mk,mkn->mn", x[:20], w[group]), atol=1e-5)
     np.testing.assert_array_equal(y[20:], 0.0)

@@ -86,11 +86,12 @@ permute_rows.defvjp(_permute_fwd, _permute_bwd)
 def dropless_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
                       expert_weights: ExpertWeights, capacity_factor: float,
                       swiglu_limit: float = 0.0, backend: str | None = None,
-                      block: int = 128) -> tuple[jax.Array, jax.Array]:
+                      block: int = 512, min_rows: int = 32
+                      ) -> tuple[jax.Array, jax.Array]:
     """Sort pairs by expert -> grouped-matmul SwiGLU -> unsort and combine (module doc).
 
     `backend` forces the grouped-matmul backend ("ragged_dot" or "loop"; None: by
-    platform); `block` is the row window of the "loop" backend.
+    platform); `block` and `min_rows` are the largest and smallest row windows of "loop".
     """
     del capacity_factor
     g, s, d = x.shape
@@ -100,7 +101,8 @@ def dropless_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask
         order, inverse, sizes = sort_pairs(indices, mask, gate.shape[0])
         xs = take_tokens(x.reshape(g * s, d), order, inverse, top_k)  # [P, D]
     with jax.named_scope("experts"):
-        gmm = functools.partial(grouped_matmul, sizes=sizes, backend=backend, block=block)
+        gmm = functools.partial(grouped_matmul, sizes=sizes, backend=backend, block=block,
+                                min_rows=min_rows)
         h = clamped_swiglu(gmm(xs, gate.astype(x.dtype)), gmm(xs, up.astype(x.dtype)),
                            swiglu_limit)
         ys = gmm(h, down.astype(x.dtype))  # [P, D]

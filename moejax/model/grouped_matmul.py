@@ -12,8 +12,8 @@ Backends (`backend=None` picks by platform, see `default_backend`):
   XLA:CPU lowers it densely (every row through every group: E times the FLOPs), so it is
   used on CPU only to test it.
 - "loop": for XLA:CPU. A loop over groups; each segment is cut into windows of `block`
-  rows plus windows of block/2, block/4, block/8 rows for the remainder (its binary
-  decomposition; the last one masked). A window is a dynamic slice of x, multiplied by
+  rows plus windows of block/2, block/4, ... min_rows rows for the remainder (its binary
+  decomposition) and one last masked window of min_rows rows. A window is a dynamic slice of x, multiplied by
   the group's [K, N] weights (one plain matmul) and written back with the rows outside the
   segment masked. The VJP is written by hand (`jax.custom_vjp`): dx is the same loop with
   w transposed, and dw[e] = sum over e's windows of x_w^T dy_w, accumulated in the loop
@@ -47,28 +47,32 @@ def default_backend(platform: str) -> str:
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str | None = None,
-                   block: int = 128) -> jax.Array:
-    """x [M, K] sorted by group, w [E, K, N], sizes [E] int32 -> y [M, N] (see module doc)."""
+                   block: int = 512, min_rows: int = 32) -> jax.Array:
+    """x [M, K] sorted by group, w [E, K, N], sizes [E] int32 -> y [M, N] (see module doc).
+
+    "loop" only: `block` is the largest row window, `min_rows` the smallest.
+    """
     backend = backend or default_backend(platform_of(x))
     if backend == "ragged_dot":
         return lax.ragged_dot(x, w.astype(x.dtype), sizes.astype(jnp.int32))
     if backend == "loop":
-        return loop_gmm(x, w.astype(x.dtype), sizes.astype(jnp.int32),
-                        max(1, min(block, x.shape[0])))
+        block = max(1, min(block, x.shape[0]))
+        return loop_gmm(x, w.astype(x.dtype), sizes.astype(jnp.int32), block,
+                        max(1, min(min_rows, block)))
     raise ValueError(f"grouped matmul backend {backend!r}: use one of {list(BACKENDS)}.")
 
 
 Visit = Callable[[jax.Array, jax.Array, int, jax.Array | None], jax.Array]
 
 
-def _over_windows(start: jax.Array, size: jax.Array, block: int, total: int, visit: Visit,
-                  acc: jax.Array) -> jax.Array:
+def _over_windows(start: jax.Array, size: jax.Array, block: int, min_rows: int, total: int,
+                  visit: Visit, acc: jax.Array) -> jax.Array:
     """acc = visit(acc, s, rows, mask) for the windows covering rows [start, start + size).
 
     size // block full windows, then the remainder r < block as a binary decomposition:
-    one window of block/2 if r >= block/2, then block/4, block/8 (mask None: all rows
-    inside), and a last window of block/8 rows for what is left, whose start is clamped
-    into [0, total - rows] and whose mask [rows] marks the rows inside the segment.
+    one window of block/2 if r >= block/2, then block/4, ... down to min_rows (mask None:
+    all rows inside), and a last window of min_rows rows for what is left, whose start is
+    clamped into [0, total - rows] and whose mask [rows] marks the rows inside the segment.
     Every window is a while loop of 0 or more trips, never a conditional: a conditional
     would copy the carried [M, N] output on every call instead of updating it in place.
     """
@@ -78,12 +82,11 @@ def _over_windows(start: jax.Array, size: jax.Array, block: int, total: int, vis
     full = size // block
     acc = windows(acc, start, full, block)
     s, rest = start + full * block, size - full * block
-    smallest = max(1, block // 8)
-    for rows in sorted({max(1, block // 2), max(1, block // 4), smallest}, reverse=True):
-        if rows < block:
-            take = (rest >= rows).astype(jnp.int32)
-            acc = windows(acc, s, take, rows)
-            s, rest = s + take * rows, rest - take * rows
+    smallest, rows = min(min_rows, block), block // 2
+    while rows >= smallest:
+        take = (rest >= rows).astype(jnp.int32)
+        acc = windows(acc, s, take, rows)
+        s, rest, rows = s + take * rows, rest - take * rows, rows // 2
 
     def last(j: jax.Array, a: jax.Array) -> jax.Array:
         at = jnp.clip(s, 0, total - smallest)
@@ -97,8 +100,8 @@ def _bounds(sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
     return ends - sizes, sizes
 
 
-def _gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, block: int, transpose: bool
-         ) -> jax.Array:
+def _gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, block: int, min_rows: int,
+         transpose: bool) -> jax.Array:
     """The forward loop: y = x @ w[e] per segment ([E, K, N]; with transpose, w[e]^T)."""
     m, k = x.shape
     n = w.shape[1] if transpose else w.shape[2]
@@ -115,12 +118,13 @@ def _gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, block: int, transpose: bo
             if mask is not None:
                 yw = jnp.where(mask[:, None], yw, lax.dynamic_slice(y, (s, 0), (rows, n)))
             return lax.dynamic_update_slice(y, yw, (s, 0))
-        return _over_windows(starts[e], counts[e], block, m, visit, y)
+        return _over_windows(starts[e], counts[e], block, min_rows, m, visit, y)
 
     return lax.fori_loop(0, w.shape[0], expert, jnp.zeros((m, n), x.dtype))
 
 
-def _gmm_dw(x: jax.Array, dy: jax.Array, sizes: jax.Array, block: int) -> jax.Array:
+def _gmm_dw(x: jax.Array, dy: jax.Array, sizes: jax.Array, block: int, min_rows: int
+            ) -> jax.Array:
     """dw[e] = x_e^T dy_e over e's segment: x [M, K], dy [M, N] -> [E, K, N] (fp32 sums)."""
     m, k = x.shape
     n = dy.shape[1]
@@ -135,7 +139,7 @@ def _gmm_dw(x: jax.Array, dy: jax.Array, sizes: jax.Array, block: int) -> jax.Ar
                                      preferred_element_type=jnp.float32)
 
     def expert(e: jax.Array, dw: jax.Array) -> jax.Array:
-        acc = _over_windows(starts[e], counts[e], block, m, visit,
+        acc = _over_windows(starts[e], counts[e], block, min_rows, m, visit,
                             jnp.zeros((k, n), jnp.float32))
         return lax.dynamic_update_index_in_dim(dw, acc.astype(dw.dtype), e, 0)
 
@@ -143,22 +147,23 @@ def _gmm_dw(x: jax.Array, dy: jax.Array, sizes: jax.Array, block: int) -> jax.Ar
                          jnp.zeros((sizes.shape[0], k, n), x.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def loop_gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, block: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def loop_gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, block: int, min_rows: int
+             ) -> jax.Array:
     """The "loop" backend: x [M, K], w [E, K, N], sizes [E] -> [M, N]; hand-written VJP."""
-    return _gmm(x, w, sizes, block, transpose=False)
+    return _gmm(x, w, sizes, block, min_rows, transpose=False)
 
 
-def _loop_gmm_fwd(x: jax.Array, w: jax.Array, sizes: jax.Array, block: int
+def _loop_gmm_fwd(x: jax.Array, w: jax.Array, sizes: jax.Array, block: int, min_rows: int
                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    return _gmm(x, w, sizes, block, transpose=False), (x, w, sizes)
+    return _gmm(x, w, sizes, block, min_rows, transpose=False), (x, w, sizes)
 
 
-def _loop_gmm_bwd(block: int, res: tuple[jax.Array, jax.Array, jax.Array], dy: jax.Array
-                  ) -> tuple[jax.Array, jax.Array, None]:
+def _loop_gmm_bwd(block: int, min_rows: int, res: tuple[jax.Array, jax.Array, jax.Array],
+                  dy: jax.Array) -> tuple[jax.Array, jax.Array, None]:
     x, w, sizes = res
-    dx = _gmm(dy, w, sizes, block, transpose=True)  # dy [M, N] . w[e]^T -> [M, K]
-    return dx, _gmm_dw(x, dy, sizes, block).astype(w.dtype), None
+    dx = _gmm(dy, w, sizes, block, min_rows, transpose=True)  # dy [M, N] . w[e]^T -> [M, K]
+    return dx, _gmm_dw(x, dy, sizes, block, min_rows).astype(w.dtype), None
 
 
 loop_gmm.defvjp(_loop_gmm_fwd, _loop_gmm_bwd)
