@@ -55,7 +55,7 @@ class MoEConfig:
     num_groups: int = 1  # expert groups for group-limited routing (1 = off)
     top_groups: int = 1  # groups kept per token in group-limited routing
     capacity_factor: float = 1.25  # C = ceil(cf * tokens_per_group * T / E); <= 0 = no drops
-    dispatch: str = "index"  # "index" (gather), "einsum" (GShard), "dropless" (sorted), "dense" (oracle)
+    dispatch: str = "dropless"  # "dropless" (sorted), "index" (gather), "einsum" (GShard), "dense"
     group_size: int = 512  # tokens per dispatch group (capacity is per group)
     expert_parallel: str = "gspmd"  # "gspmd" (GSPMD all-to-all) or "shard_map" (expert_parallel.py)
     expert_transport: str = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto" by platform
