@@ -13,12 +13,15 @@ A step on each side is the whole training step: forward, next-token cross-entrop
 backward, global-norm clipping at 1.0 and AdamW. moejax runs its jitted train step
 (`bench/train_step.py`'s `StepRunner`: `moejax.train.make_train_step`, as train.py);
 transformers runs eager PyTorch on `torch.set_num_threads(--threads)` (XLA:CPU uses every
-core it sees). Rounds alternate (A B A B ...) so that load drifts hit both; each side's
-step time is the median over all its timed steps; `ratio` = moejax tokens/s over HF's.
-`*_step_cpu_ms` are the medians of the process CPU time per step (all threads), which a
-shared machine disturbs less than the wall time.
+core it sees) with its default attention ("sdpa") and experts ("grouped_mm") kernels.
+Each side runs in its own worker process: in one process, PyTorch's step ran ~10x slower
+after JAX had run. Rounds alternate (A B A B ...) so that load drifts hit both; each
+side's step time is the median over all its timed steps; `ratio` = moejax tokens/s over
+HF's. `*_step_cpu_ms` are medians of the process CPU time per step (all threads), which a
+shared machine disturbs less than the wall time; `cpu_ratio` is HF's over moejax's.
 moejax's MoE is not dropless unless asked (`--config.model.moe.capacity_factor=0`): its
-capacity buffers compute up to capacity_factor x the routed rows; HF loops over experts.
+capacity buffers compute up to capacity_factor x the routed rows; HF computes exactly the
+routed rows.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -36,6 +40,7 @@ from train_step import StepRunner  # noqa: E402
 
 from moejax.config import load_config, resolve  # noqa: E402
 
+PROTO = "@vs_hf@ "  # prefix of the worker protocol's stdout lines
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VS_HF = [
     "model.vocab_size=256", "model.embed_dim=256", "model.num_layers=4",
@@ -104,33 +109,99 @@ class HFRunner:
         return elapsed
 
 
+def describe_moejax(runner: StepRunner) -> dict[str, Any]:
+    from moejax.train import param_count
+    return {"moejax_params": param_count(runner.state),
+            "moejax_compile_seconds": runner.compile_seconds,
+            "moejax_compile_cpu_seconds": runner.compile_cpu_seconds}
+
+
+def worker(side: str, overrides: list[str], threads: int) -> None:
+    """One side in this process: reports its description, then runs N steps per request.
+
+    Protocol (stdout lines starting with PROTO): one JSON description after the setup
+    (compilation included), then for each stdin line N > 0 the JSON
+    {"wall": [s, ...], "cpu": [s, ...], "loss": x} of N steps; N = 0 or EOF ends it.
+    """
+    cfg = resolve(moejax_config(overrides))
+    if side == "moejax":
+        runner: Any = StepRunner(cfg)
+        info = describe_moejax(runner)
+    else:
+        runner = HFRunner(cfg, threads)
+        info = runner.describe()
+    print(PROTO + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        n = int(line)
+        if n <= 0:
+            break
+        wall = [runner.step() for _ in range(n)]
+        loss = runner.metrics.get("loss") if side == "moejax" else runner.loss
+        print(PROTO + json.dumps({"wall": wall, "cpu": runner.cpu_times[-n:], "loss": loss}),
+              flush=True)
+
+
+class Worker:
+    """A `worker` subprocess: each side has its own process, so neither framework's thread
+    pools run (or spin) while the other is timed; the idle one waits on a pipe."""
+
+    def __init__(self, side: str, overrides: list[str], threads: int):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", side,
+               "--threads", str(threads), *[f"--config.{o}" for o in overrides]]
+        self.side = side
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        for line in self.proc.stdout:
+            if line.startswith(PROTO):
+                return json.loads(line[len(PROTO):])
+        raise RuntimeError(f"the {self.side} worker exited with {self.proc.wait()} "
+                           "(its error is above)")
+
+    def steps(self, n: int) -> dict[str, Any]:
+        """Runs n steps in the worker; {"wall": [...], "cpu": [...], "loss": x}."""
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def run(overrides: list[str], threads: int, warmup: int, rounds: int, per_round: int
         ) -> dict[str, Any]:
-    """Builds both sides, alternates `rounds` rounds of `per_round` steps, returns the row."""
-    cd = moejax_config(overrides)
-    cfg = resolve(cd)
-    ours, theirs = StepRunner(cfg), HFRunner(cfg, threads)
-    for _ in range(warmup):
-        ours.step()
-        theirs.step()
-    ours_times, hf_times = [], []
-    for _ in range(rounds):
-        ours_times += [ours.step() for _ in range(per_round)]
-        hf_times += [theirs.step() for _ in range(per_round)]
+    """Starts both workers, alternates `rounds` rounds of `per_round` steps, returns the row."""
+    cfg = resolve(moejax_config(overrides))
+    ours, theirs = Worker("moejax", overrides, threads), Worker("hf", overrides, threads)
+    try:
+        ours.steps(warmup)
+        theirs.steps(warmup)
+        timed: dict[str, dict[str, list[float]]] = {"moejax": {}, "hf": {}}
+        for _ in range(rounds):
+            for side, w in (("moejax", ours), ("hf", theirs)):
+                out = w.steps(per_round)
+                for key in ("wall", "cpu"):
+                    timed[side].setdefault(key, []).extend(out[key])
+                timed[side]["loss"] = [out["loss"]]
+    finally:
+        ours.close()
+        theirs.close()
     tokens = cfg.train.batch_size * cfg.train.seq_len
-    ours_t, hf_t = statistics.median(ours_times), statistics.median(hf_times)
-    from moejax.train import param_count
+    med = {side: {k: statistics.median(v) for k, v in d.items()} for side, d in timed.items()}
+    ours_t, hf_t = med["moejax"]["wall"], med["hf"]["wall"]
     return {"bench": "vs_hf", "overrides": overrides, "dispatch": cfg.model.moe.dispatch,
             "capacity_factor": cfg.model.moe.capacity_factor,
             "remat_policy": cfg.model.remat_policy, "batch_size": cfg.train.batch_size,
             "seq_len": cfg.train.seq_len, "moejax_step_time_ms": ours_t * 1e3,
             "hf_step_time_ms": hf_t * 1e3, "moejax_tokens_per_second": tokens / ours_t,
             "hf_tokens_per_second": tokens / hf_t, "ratio": hf_t / ours_t,
-            "moejax_step_cpu_ms": statistics.median(ours.cpu_times[-len(ours_times):]) * 1e3,
-            "hf_step_cpu_ms": statistics.median(theirs.cpu_times[-len(hf_times):]) * 1e3,
-            "moejax_compile_seconds": ours.compile_seconds,
-            "moejax_params": param_count(ours.state), **theirs.describe(),
-            "moejax_loss": ours.metrics.get("loss"), "hf_loss": theirs.loss,
+            "moejax_step_cpu_ms": med["moejax"]["cpu"] * 1e3,
+            "hf_step_cpu_ms": med["hf"]["cpu"] * 1e3,
+            "cpu_ratio": med["hf"]["cpu"] / med["moejax"]["cpu"], **ours.info, **theirs.info,
+            "moejax_loss": med["moejax"]["loss"], "hf_loss": med["hf"]["loss"],
             "warmup": warmup, "rounds": rounds, "steps_per_round": per_round,
             "load_average": os.getloadavg()[0]}
 
@@ -142,9 +213,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--worker", choices=("moejax", "hf"), help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    if args.worker:
+        worker(args.worker, overrides, args.threads)
+        return
     row = run(overrides, args.threads, args.warmup, args.rounds, args.steps_per_round)
     if args.json:
         print(json.dumps(row), flush=True)
