@@ -138,6 +138,21 @@ def test_moe_module_dropless_equals_dense_sharded_and_not():
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_v4_moe_dropless_equals_dense_with_the_clamp():
+    from moejax.model.v4_config import V4MoEConfig
+    from moejax.model.v4_moe import V4MoE
+    cfg = V4MoEConfig(num_experts=8, top_k=2, expert_hidden=8, swiglu_limit=0.5,
+                      dispatch="dense")
+    x = jax.random.normal(jax.random.key(5), (2, 8, D))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    bias, mask = jnp.zeros(8), jnp.ones((2, 8), bool).at[0, 6:].set(False)
+    params = V4MoE(cfg, False, 32, 0.5).init(jax.random.key(6), x, bias, tokens, mask)
+    outs = [jax.jit(V4MoE(dataclasses.replace(cfg, dispatch=name), False, 32, 0.5).apply)(
+        params, x, bias, tokens, mask)[0] for name in ("dense", "dropless")]
+    assert float(jnp.abs(outs[0]).max()) > 0.01
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5)
+
+
 def test_config_accepts_dropless():
     from conftest import small_config
     cfg = small_config("model.moe.dispatch='dropless'")
