@@ -9,16 +9,17 @@ computation of a dropless MoE (M = routed pairs, K/N = D/F or F/D).
 Backends (`backend=None` picks by platform, see `default_backend`):
 
 - "ragged_dot": `jax.lax.ragged_dot` and its own autodiff. The native path on GPU/TPU.
-  XLA:CPU lowers it densely (every row through every group: E times the FLOPs), so it is
-  used on CPU only to test it.
+  XLA:CPU lowers it densely (reported ~50x a dense FFN's forward), so on CPU it is used
+  only to test it.
 - "loop": for XLA:CPU. A loop over groups; each segment is cut into windows of `block`
-  rows plus windows of block/2, block/4, ... min_rows rows for the remainder (its binary
-  decomposition) and one last masked window of min_rows rows. A window is a dynamic slice of x, multiplied by
-  the group's [K, N] weights (one plain matmul) and written back with the rows outside the
-  segment masked. The VJP is written by hand (`jax.custom_vjp`): dx is the same loop with
-  w transposed, and dw[e] = sum over e's windows of x_w^T dy_w, accumulated in the loop
-  carry and written once per group. Autodiff of the loop would instead stack every
-  window's operands and scatter the weight gradients back (measured 10-90x slower).
+  rows, then windows of block/2, block/4, ..., min_rows rows for the remainder (its
+  binary decomposition) and one last masked window of min_rows rows. A window is a
+  dynamic slice of x times the group's [K, N] weights (one plain matmul), written back
+  with the rows outside the segment masked. The VJP is written by hand
+  (`jax.custom_vjp`): dx is the same loop with w transposed, and dw[e] = sum over e's
+  windows of x_w^T dy_w, accumulated in the loop carry and written once per group.
+  Autodiff of a loop instead saves every window and scatters the weight gradients back
+  (reported 10-87x slower for a scanned dropless layout).
 """
 from __future__ import annotations
 
