@@ -19,9 +19,12 @@ after JAX had run. Rounds alternate (A B A B ...) so that load drifts hit both; 
 side's step time is the median over all its timed steps; `ratio` = moejax tokens/s over
 HF's. `*_step_cpu_ms` are medians of the process CPU time per step (all threads), which a
 shared machine disturbs less than the wall time; `cpu_ratio` is HF's over moejax's.
-moejax's MoE is not dropless unless asked (`--config.model.moe.capacity_factor=0`): its
-capacity buffers compute up to capacity_factor x the routed rows; HF computes exactly the
-routed rows.
+Both MoEs are dropless: moejax's `dropless` dispatch (tokens sorted by expert, no capacity
+buffers; the fastest moejax dispatch here, see bench/README.md) against HF's grouped_mm.
+`--config.model.moe.dispatch=index` etc. measure the other dispatches. The file is also a
+config file: `python bench/train_step.py --config bench/vs_hf.py` times the same model.
+Layers are unrolled (`model.scan_layers=False`: 0.91x the scanned step time here, no
+stacked residual buffers to zero-fill, write and read back; HF runs unrolled too).
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ VS_HF = [
     "model.num_kv_heads=4", "model.head_dim=48", "model.max_seq_len=256",
     "model.moe.num_experts=16", "model.moe.expert_hidden=128", "model.moe.top_k=8",
     "model.moe.num_shared_experts=1", "model.moe.num_groups=1", "model.moe.top_groups=1",
-    "model.moe.balance_loss_coef=0.0", "model.moe.z_loss_coef=0.0",
+    "model.moe.dispatch=dropless", "model.moe.balance_loss_coef=0.0",
+    "model.moe.z_loss_coef=0.0", "model.scan_layers=False",
     "model.mla.q_lora_rank=64", "model.mla.kv_lora_rank=64", "model.mla.qk_nope_head_dim=32",
     "model.mla.qk_rope_head_dim=16", "model.mla.v_head_dim=32", "model.rope.yarn_factor=1.0",
     "model.mtp.depth=0", "model.dtype=float32", "model.param_dtype=float32",
@@ -59,6 +63,12 @@ VS_HF = [
 def moejax_config(overrides: list[str]) -> Any:
     """The VS_HF ConfigDict (configs/deepseek_v3.py + VS_HF + `overrides`), validated."""
     return load_config(os.path.join(ROOT, "configs", "deepseek_v3.py"), [*VS_HF, *overrides])
+
+
+def get_config(arg: str | None = None) -> Any:
+    """This file is also a config file: `bench/train_step.py --config bench/vs_hf.py`."""
+    del arg
+    return moejax_config([])
 
 
 class HFRunner:
