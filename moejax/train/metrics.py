@@ -66,7 +66,9 @@ def flops_per_token(m: AnyModelConfig, seq_len: int) -> float:
     MoE layer, and the LM head; the embedding lookup is not a matmul). Each weight costs 2
     FLOPs forward and 4 backward, hence 6. The attention term is the score and value
     matmuls, QK^T and AV, 2 * 2 * seq_len * H * K per token and layer forward, times 3 with
-    the backward pass; causal masking is not discounted (the PaLM convention).
+    the backward pass; causal masking is not discounted (the PaLM convention). For MLA the
+    two K are the query/key dims (qk_nope + qk_rope) and the value dims (v_head_dim), as
+    in `moejax.plan` (model.head_dim is unused by MLA).
     """
     if m.architecture == "deepseek_v4":
         from moejax.plan import plan_v4  # noqa: PLC0415 (plan builds models)
@@ -76,7 +78,11 @@ def flops_per_token(m: AnyModelConfig, seq_len: int) -> float:
                 + m.num_dense_layers * per_layer["dense_ffn"]
                 + m.num_moe_layers * per_layer["moe_ffn"]
                 + per_layer["head"])
-    attention = 12 * m.num_layers * seq_len * m.num_heads * m.head_dim
+    if getattr(m, "attention_type", "gqa") == "mla":  # QK^T over nope + rope dims, AV over v
+        per_head = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim + m.mla.v_head_dim
+    else:
+        per_head = 2 * m.head_dim
+    attention = 6 * m.num_layers * seq_len * m.num_heads * per_head
     return float(6 * n_active + attention)
 
 
