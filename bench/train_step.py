@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"(peak {row['peak_flops'] / 1e9:,.1f} GFLOP/s), x{row['ratio']:.2f}, "
                   f"compile {row['compile_seconds']:.1f} s, "
                   f"memory {row['peak_memory_bytes'] / 2**20:,.0f} MiB "
-                  f"({row['memory_source']}), compiled {(row['compiled_memory_bytes'] or 0) / 2**20:,.1f} MiB",
-                  flush=True)
+                  f"({row['memory_source']}), "
+                  f"compiled {(row['compiled_memory_bytes'] or 0) / 2**20:,.1f} MiB", flush=True)
 
 
 if __name__ == "__main__":
