@@ -55,7 +55,10 @@ class MoEConfig:
     num_groups: int = 1  # expert groups for group-limited routing (1 = off)
     top_groups: int = 1  # groups kept per token in group-limited routing
     capacity_factor: float = 1.25  # C = ceil(cf * tokens_per_group * T / E); <= 0 = no drops
-    dispatch: str = "dropless"  # "dropless" (sorted), "index" (gather), "einsum" (GShard), "dense"
+    # "dropless" (sorted, never drops; on a multi-device mesh use expert_parallel="shard_map":
+    # under GSPMD its global sort gathers every pair), "index" (gather into capacity
+    # buffers, GSPMD-sharded), "einsum" (GShard one-hots), "dense" (oracle)
+    dispatch: str = "dropless"
     group_size: int = 512  # tokens per dispatch group (capacity is per group)
     expert_parallel: str = "gspmd"  # "gspmd" (GSPMD all-to-all) or "shard_map" (expert_parallel.py)
     expert_transport: str = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto" by platform
