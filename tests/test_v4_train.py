@@ -113,6 +113,7 @@ def test_muon_momentum_is_sharded_like_its_parameters():
     assert "expert" in str(gate.spec)
 
 
+@pytest.mark.slow  # ~70 s of decode compilation; tests/test_v4.py checks cached decoding
 def test_generate_from_a_v4_model():
     cfg = resolve(v4_config())
     model = moejax.build_model(cfg.model)
