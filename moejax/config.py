@@ -8,11 +8,11 @@ anything is traced. Every field is declared below with its meaning.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any, Sequence
 
 import ml_collections
 
+from moejax.config_coerce import dataclass_from_dict
 from moejax.model.v4_config import V4Config
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -169,54 +169,6 @@ class OptimizerConfig:
     grad_clip_norm: float = 1.0  # global-norm clipping (0 disables)
     muon_momentum: float = 0.95  # Muon: Nesterov momentum of the matrix updates
     muon_ns_steps: int = 5  # Muon: Newton-Schulz iterations of the orthogonalisation
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Converts one ConfigDict value to the declared field type, or raises ValueError."""
-    if _is_dataclass_type(tp):
-        return dataclass_from_dict(tp, value, path)
-    origin = typing.get_origin(tp)
-    if origin in (tuple, Sequence) or tp is tuple:
-        return tuple(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{path}={value!r}: expected true/false.")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not float(value).is_integer():
-            raise ValueError(f"{path}={value!r}: expected an integer.")
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{path}={value!r}: expected a number.")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{path}={value!r}: expected a string.")
-        return value
-    return value
-
-
-def dataclass_from_dict(cls: type, values: Any, path: str) -> Any:
-    """Builds dataclass `cls` from a mapping; unknown keys raise a ValueError naming them."""
-    if dataclasses.is_dataclass(values):
-        return values
-    if isinstance(values, ml_collections.ConfigDict):
-        values = values.to_dict()
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a section (dict), got {values!r}.")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown field(s) {unknown}; known fields are {sorted(names)}.")
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}") for k, v in values.items()}
-    return cls(**kwargs)
 
 
 def _check(ok: bool, field: str, value: Any, fix: str) -> None:
@@ -412,22 +364,6 @@ def resolve(cfg: ml_collections.ConfigDict) -> Config:
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field and the fix if any section is invalid."""
     resolve(cfg)
-
-
-def active_params_per_token(m: ModelConfig) -> dict[str, int]:
-    """Matrix parameters a token passes through per layer kind (for FLOP estimates)."""
-    attn = m.embed_dim * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
-    if m.attention_type == "mla":  # q (low-rank or plain), kv down/up, out projections
-        a, d, h = m.mla, m.embed_dim, m.num_heads
-        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-        attn = (d * a.q_lora_rank + a.q_lora_rank * h * qk if a.q_lora_rank else d * h * qk)
-        attn += d * (a.kv_lora_rank + a.qk_rope_head_dim) + h * a.v_head_dim * d
-        attn += a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
-    dense = 3 * m.embed_dim * m.mlp_hidden
-    moe = 3 * m.embed_dim * m.moe.expert_hidden * (m.moe.top_k + m.moe.num_shared_experts)
-    router = m.embed_dim * m.moe.num_experts
-    return {"attention": attn, "dense_ffn": dense, "moe_ffn": moe + router,
-            "head": m.embed_dim * m.vocab_size}
 
 
 __all__ = ["Config", "resolve", "ModelConfig", "MoEConfig", "RopeConfig", "MeshConfig",

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from moejax.config import AnyModelConfig, active_params_per_token
+from moejax.config import AnyModelConfig, ModelConfig
 
 # Dense bf16 peak FLOP/s per chip, matched against `device.device_kind` (first hit wins,
 # so more specific names come first). Sources: Google Cloud TPU and NVIDIA data sheets
@@ -53,6 +53,22 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 # CPU has no table entry: ~1e11 fp32 FLOP/s per device is what a 1024^3 jitted matmul
 # measures on a 2-core AVX-512 machine; set train.peak_flops_per_device for yours.
 CPU_PEAK_FLOPS = 1e11
+
+
+def active_params_per_token(m: ModelConfig) -> dict[str, int]:
+    """Matrix parameters a token passes through per layer kind (for FLOP estimates)."""
+    attn = m.embed_dim * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+    if m.attention_type == "mla":  # q (low-rank or plain), kv down/up, out projections
+        a, d, h = m.mla, m.embed_dim, m.num_heads
+        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+        attn = (d * a.q_lora_rank + a.q_lora_rank * h * qk if a.q_lora_rank else d * h * qk)
+        attn += d * (a.kv_lora_rank + a.qk_rope_head_dim) + h * a.v_head_dim * d
+        attn += a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
+    dense = 3 * m.embed_dim * m.mlp_hidden
+    moe = 3 * m.embed_dim * m.moe.expert_hidden * (m.moe.top_k + m.moe.num_shared_experts)
+    router = m.embed_dim * m.moe.num_experts
+    return {"attention": attn, "dense_ffn": dense, "moe_ffn": moe + router,
+            "head": m.embed_dim * m.vocab_size}
 
 
 def flops_per_token(m: AnyModelConfig, seq_len: int) -> float:
