@@ -58,6 +58,17 @@ class MTPModule(nn.Module):
         return norm("norm")(x), stats
 
 
+def mtp_aux(logits: jax.Array, stats: dict[str, jax.Array], balance_loss_coef: float,
+            z_loss_coef: float) -> dict[str, jax.Array]:
+    """The MTP entries of a model's aux: `mtp_logits` [B, L, V] fp32, `mtp_expert_load`
+    [1, E] and `mtp_moe_loss`, from the MTP block's logits and its one layer's stats."""
+    from moejax.model.router import weighted_moe_loss  # noqa: PLC0415 (router is a sibling)
+    stacked = jax.tree.map(lambda a: a[None], stats)
+    return {"mtp_logits": logits.astype(jnp.float32),
+            "mtp_expert_load": stacked["expert_load"],
+            "mtp_moe_loss": weighted_moe_loss(stacked, balance_loss_coef, z_loss_coef)}
+
+
 def mtp_target_mask(segment_ids: jax.Array) -> jax.Array:
     """bool [B, L-2]: whether token t+2 is an MTP target for position t (same document)."""
     s0, s1, s2 = segment_ids[:, :-2], segment_ids[:, 1:-1], segment_ids[:, 2:]

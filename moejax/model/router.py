@@ -118,6 +118,23 @@ def router_z_loss(logits: jax.Array, mask: jax.Array) -> jax.Array:
     return (z * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
+BIAS_COLLECTION = "moe_bias"  # Linen collection of the balance biases (no gradient)
+
+
+def balance_bias(module: nn.Module, name: str, rows: int, num_experts: int) -> jax.Array:
+    """[rows, E] balance biases `moe_bias/{name}` of `module` (zeros at init); call it from
+    the module's compact `__call__`."""
+    return module.variable(
+        BIAS_COLLECTION, name, nn.with_logical_partitioning(jnp.zeros, ("layers", "expert")),
+        (rows, num_experts), jnp.float32).value
+
+
+def weighted_moe_loss(stats: dict[str, jax.Array], balance_loss_coef: float,
+                      z_loss_coef: float) -> jax.Array:
+    """balance_loss_coef * sum of per-layer balance losses + z_loss_coef * sum of z-losses."""
+    return balance_loss_coef * stats["balance_loss"].sum() + z_loss_coef * stats["z_loss"].sum()
+
+
 def update_balance_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
     """Aux-loss-free balancing step: bias += rate * sign(mean(load) - load), per layer.
 

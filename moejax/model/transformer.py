@@ -24,7 +24,8 @@ from moejax.model.attention import Attention
 from moejax.model.layers import MLP, Embed, LMHead, RMSNorm
 from moejax.model.mla import MLA
 from moejax.model.moe import MoE
-from moejax.model.mtp import MTP_BIAS, MTPModule, next_tokens
+from moejax.model.mtp import MTP_BIAS, MTPModule, mtp_aux, next_tokens
+from moejax.model.router import balance_bias, weighted_moe_loss
 from moejax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -33,7 +34,6 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_moe": jax.checkpoint_policies.save_only_these_names("attention_out", "ffn_out"),
 }
-BIAS_COLLECTION = "moe_bias"
 
 
 def make_attention(cfg: ModelConfig, decode: bool, name: str = "attention") -> nn.Module:
@@ -145,30 +145,19 @@ class Transformer(nn.Module):
             x, _ = LayerStack(cfg, False, cfg.num_dense_layers, self.decode, name="dense_stack")(
                 x, dummy, segment_ids, positions)
         if cfg.num_moe_layers:
-            biases = self._bias("bias", cfg.num_moe_layers)
+            biases = balance_bias(self, "bias", cfg.num_moe_layers, cfg.moe.num_experts)
             x, aux = LayerStack(cfg, True, cfg.num_moe_layers, self.decode, name="moe_stack")(
                 x, biases, segment_ids, positions)
-            aux["moe_loss"] = self._moe_loss(aux)
+            aux["moe_loss"] = weighted_moe_loss(aux, cfg.moe.balance_loss_coef,
+                                                cfg.moe.z_loss_coef)
         x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
         head = embed.attend if cfg.tie_embeddings else LMHead(
             cfg.vocab_size, cfg.init_std, dtype, pdtype, name="head")
         logits = head(x)
         if cfg.mtp.depth and not self.decode and (with_mtp or self.is_initializing()):
+            mtp_bias = balance_bias(self, MTP_BIAS, cfg.mtp.depth, cfg.moe.num_experts)[0]
             mtp_x, stats = MTPModule(cfg, _block_class(cfg), name="mtp")(
-                x, embed(next_tokens(tokens)), self._bias(MTP_BIAS, cfg.mtp.depth)[0],
-                segment_ids, positions)
-            aux["mtp_logits"] = head(mtp_x).astype(jnp.float32)
-            aux["mtp_expert_load"] = stats["expert_load"][None]
-            aux["mtp_moe_loss"] = self._moe_loss(jax.tree.map(lambda a: a[None], stats))
+                x, embed(next_tokens(tokens)), mtp_bias, segment_ids, positions)
+            aux.update(mtp_aux(head(mtp_x), stats, cfg.moe.balance_loss_coef,
+                               cfg.moe.z_loss_coef))
         return logits.astype(jnp.float32), aux
-
-    def _bias(self, name: str, rows: int) -> jax.Array:
-        """[rows, E] balance biases of the `moe_bias` collection (zeros at init)."""
-        return self.variable(
-            BIAS_COLLECTION, name, nn.with_logical_partitioning(jnp.zeros, ("layers", "expert")),
-            (rows, self.cfg.moe.num_experts), jnp.float32).value
-
-    def _moe_loss(self, stats: dict[str, jax.Array]) -> jax.Array:
-        moe = self.cfg.moe
-        return (moe.balance_loss_coef * stats["balance_loss"].sum()
-                + moe.z_loss_coef * stats["z_loss"].sum())

@@ -34,13 +34,12 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moejax.model.hyper import HyperConnection, HyperHead, expand, expand_streams
 from moejax.model.layers import Embed, LMHead, RMSNorm, normal_init
-from moejax.model.mtp import next_tokens
+from moejax.model.mtp import MTP_BIAS, mtp_aux, next_tokens
+from moejax.model.router import balance_bias, weighted_moe_loss
 from moejax.model.v4_attention import V4Attention
 from moejax.model.v4_config import V4Config
 from moejax.model.v4_moe import HASH_COLLECTION, V4MoE
 
-BIAS_COLLECTION = "moe_bias"
-MTP_BIAS = "mtp_bias"
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -262,9 +261,11 @@ class TransformerV4(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         embed = Embed(cfg.vocab_size, cfg.embed_dim, cfg.init_std, dt, pdt, name="embed")
         x = expand_streams(embed(tokens), cfg.hc.hc_mult)
-        x, aux = V4Layers(cfg, self.decode, name="layers")(
-            x, self._bias("bias", cfg.num_layers), tokens, segment_ids, positions)
-        aux["moe_loss"] = self._moe_loss(aux)
+        biases = balance_bias(self, "bias", cfg.num_layers, cfg.moe.num_experts)
+        x, aux = V4Layers(cfg, self.decode, name="layers")(x, biases, tokens, segment_ids,
+                                                           positions)
+        aux["moe_loss"] = weighted_moe_loss(aux, cfg.moe.balance_loss_coef,
+                                            cfg.moe.z_loss_coef)
         aux["indexer_loss"] = cfg.attention.indexer_loss_coef * aux["indexer_kl"].sum()
         h = HyperHead(cfg.hc.hc_mult, cfg.hc.eps, cfg.norm_eps, cfg.init_std, name="hc_head")(x)
         h = RMSNorm(cfg.norm_eps, dt, jnp.float32, name="final_norm")(h)
@@ -272,21 +273,10 @@ class TransformerV4(nn.Module):
         logits = head(h)
         if cfg.mtp.depth and not self.decode and (with_mtp or self.is_initializing()):
             nxt = next_tokens(tokens)
-            mtp_h, stats = V4MTP(cfg, name="mtp")(x, embed(nxt), self._bias(MTP_BIAS, 1)[0],
-                                                  nxt, segment_ids, positions)
-            aux["mtp_logits"] = head(mtp_h).astype(jnp.float32)
-            aux["mtp_expert_load"] = stats["expert_load"][None]
-            aux["mtp_moe_loss"] = self._moe_loss(jax.tree.map(lambda a: a[None], stats))
+            mtp_bias = balance_bias(self, MTP_BIAS, 1, cfg.moe.num_experts)[0]
+            mtp_h, stats = V4MTP(cfg, name="mtp")(x, embed(nxt), mtp_bias, nxt, segment_ids,
+                                                  positions)
+            aux.update(mtp_aux(head(mtp_h), stats, cfg.moe.balance_loss_coef,
+                               cfg.moe.z_loss_coef))
             aux["indexer_loss"] += cfg.attention.indexer_loss_coef * stats["indexer_kl"]
         return logits.astype(jnp.float32), aux
-
-    def _bias(self, name: str, rows: int) -> jax.Array:
-        """[rows, E] balance biases of the `moe_bias` collection (zeros at init)."""
-        return self.variable(
-            BIAS_COLLECTION, name, nn.with_logical_partitioning(jnp.zeros, ("layers", "expert")),
-            (rows, self.cfg.moe.num_experts), jnp.float32).value
-
-    def _moe_loss(self, stats: dict[str, jax.Array]) -> jax.Array:
-        moe = self.cfg.moe
-        return (moe.balance_loss_coef * stats["balance_loss"].sum()
-                + moe.z_loss_coef * stats["z_loss"].sum())
