@@ -30,6 +30,34 @@ def group_size_for(num_tokens: int, preferred: int) -> int:
     return size
 
 
+def routed_experts(module: nn.Module, x: jax.Array, routing: Any, mask: jax.Array, cfg: Any,
+                   swiglu_limit: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """The routed part of a DeepSeekMoE layer, called from `module`'s compact `__call__`.
+
+    Creates `module`'s stacked expert weights gate/up [E, D, F] and down [E, F, D] (init
+    std `module.init_std`, dtype `module.param_dtype`), cuts x [B, L, D] into groups of
+    `cfg.group_size` tokens and runs the dispatch `cfg` selects (dispatch, expert_parallel,
+    expert_transport, capacity_factor; MoEConfig and V4MoEConfig both have them).
+    Returns (y [B, L, D], dropped (token, choice) pairs).
+    """
+    b, length, d = x.shape
+    e, f = cfg.num_experts, cfg.expert_hidden
+    init = lambda *names: normal_init(module.init_std, names)  # noqa: E731
+    weights = (
+        module.param("gate", init("expert", "embed", "expert_mlp"), (e, d, f), module.param_dtype),
+        module.param("up", init("expert", "embed", "expert_mlp"), (e, d, f), module.param_dtype),
+        module.param("down", init("expert", "expert_mlp", "embed"), (e, f, d), module.param_dtype),
+    )
+    s = group_size_for(b * length, cfg.group_size)
+    g = b * length // s
+    grouped = constrain(x.reshape(g, s, d), ("act_batch", None, "act_embed"))
+    dispatch = select_dispatch(cfg.dispatch, cfg.expert_parallel, cfg.expert_transport)
+    routed, dropped = dispatch(
+        grouped, routing.indices.reshape(g, s, -1), routing.weights.reshape(g, s, -1),
+        mask.reshape(g, s), weights, cfg.capacity_factor, swiglu_limit)
+    return routed.reshape(b, length, d), dropped
+
+
 class MoE(nn.Module):
     """Fine-grained routed SwiGLU experts plus shared experts (DeepSeekMoE)."""
     cfg: MoEConfig
@@ -42,30 +70,13 @@ class MoE(nn.Module):
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """x [B, L, D], bias [E] (selection only), mask [B, L] real tokens -> (y, stats)."""
         cfg = self.cfg
-        b, length, d = x.shape
         with jax.named_scope("router"):
             routing = Router(cfg.num_experts, cfg.top_k, cfg.score_fn, cfg.renormalize,
                              cfg.routed_scaling_factor, cfg.num_groups, cfg.top_groups,
                              self.init_std, name="router")(x, bias)
-        e, f = cfg.num_experts, cfg.expert_hidden
-        weights = (
-            self.param("gate", normal_init(self.init_std, ("expert", "embed", "expert_mlp")),
-                       (e, d, f), self.param_dtype),
-            self.param("up", normal_init(self.init_std, ("expert", "embed", "expert_mlp")),
-                       (e, d, f), self.param_dtype),
-            self.param("down", normal_init(self.init_std, ("expert", "expert_mlp", "embed")),
-                       (e, f, d), self.param_dtype),
-        )
-        s = group_size_for(b * length, cfg.group_size)
-        g = b * length // s
-        grouped = constrain(x.reshape(g, s, d), ("act_batch", None, "act_embed"))
-        dispatch = select_dispatch(cfg.dispatch, cfg.expert_parallel, cfg.expert_transport)
-        routed, dropped = dispatch(
-            grouped, routing.indices.reshape(g, s, -1), routing.weights.reshape(g, s, -1),
-            mask.reshape(g, s), weights, cfg.capacity_factor)
-        y = routed.reshape(b, length, d)
+        y, dropped = routed_experts(self, x, routing, mask, cfg)
         if cfg.num_shared_experts:
-            y = y + MLP(cfg.num_shared_experts * f, self.init_std, self.dtype,
+            y = y + MLP(cfg.num_shared_experts * cfg.expert_hidden, self.init_std, self.dtype,
                         self.param_dtype, name="shared")(x)
         stats = routing_stats(routing, mask)
         real_pairs = jnp.maximum(mask.sum() * cfg.top_k, 1)

@@ -12,8 +12,8 @@
 (not `params`: no gradient, no optimizer state). At init it holds k distinct random experts
 per token; imported checkpoints overwrite it. Hash layers ignore the balance bias.
 
-The clamp lives in layers.py (`clamped_swiglu`, used by `MLP` and by the `swiglu_limit` argument of every
-dispatch strategy), so V4 layers use the same dispatch strategies as the rest.
+The clamp lives in layers.py (`clamped_swiglu`, used by `MLP` and by the `swiglu_limit`
+argument of every dispatch strategy), so V4 layers share moe.py's `routed_experts`.
 """
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.model.expert_parallel import select_dispatch
 from moejax.model.layers import MLP, normal_init
-from moejax.model.moe import group_size_for
+from moejax.model.moe import routed_experts
 from moejax.model.router import Routing, routing_stats, select_experts
 from moejax.model.v4_config import V4MoEConfig
 from moejax.sharding import constrain
@@ -111,26 +110,11 @@ class V4MoE(nn.Module):
     def __call__(self, x: jax.Array, bias: jax.Array, tokens: jax.Array, mask: jax.Array
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
-        b, length, d = x.shape
         routing = V4Router(cfg, self.is_hash, self.vocab_size, self.init_std, name="router")(
             x, bias, tokens)
-        e, f = cfg.num_experts, cfg.expert_hidden
-        init = lambda *names: normal_init(self.init_std, names)  # noqa: E731
-        weights = (
-            self.param("gate", init("expert", "embed", "expert_mlp"), (e, d, f), self.param_dtype),
-            self.param("up", init("expert", "embed", "expert_mlp"), (e, d, f), self.param_dtype),
-            self.param("down", init("expert", "expert_mlp", "embed"), (e, f, d), self.param_dtype),
-        )
-        s = group_size_for(b * length, cfg.group_size)
-        g = b * length // s
-        grouped = constrain(x.reshape(g, s, d), ("act_batch", None, "act_embed"))
-        dispatch = select_dispatch(cfg.dispatch, cfg.expert_parallel, cfg.expert_transport)
-        routed, dropped = dispatch(
-            grouped, routing.indices.reshape(g, s, -1), routing.weights.reshape(g, s, -1),
-            mask.reshape(g, s), weights, cfg.capacity_factor, cfg.swiglu_limit)
-        y = routed.reshape(b, length, d)
+        y, dropped = routed_experts(self, x, routing, mask, cfg, cfg.swiglu_limit)
         if cfg.num_shared_experts:
-            y = y + MLP(cfg.num_shared_experts * f, self.init_std, self.dtype,
+            y = y + MLP(cfg.num_shared_experts * cfg.expert_hidden, self.init_std, self.dtype,
                         self.param_dtype, cfg.swiglu_limit, name="shared")(x)
         stats = routing_stats(routing, mask)
         stats["dropped_fraction"] = dropped / jnp.maximum(mask.sum() * cfg.top_k, 1)
