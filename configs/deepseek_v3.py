@@ -37,7 +37,7 @@ def _model(full: bool) -> ml_collections.ConfigDict:
     model.param_dtype = "float32"  # fp32 master weights
     model.scan_layers = True  # one scanned stack per layer kind
     model.remat_policy = "full" if full else "none"  # activation checkpointing
-    model.attention_impl = "xla"  # "xla", "cudnn" or "reference"
+    model.attention_impl = "auto"  # "auto", "einsum", "xla", "cudnn", "reference"
     model.attention_type = "mla"  # multi-head latent attention
 
     model.mla = mla = ml_collections.ConfigDict()

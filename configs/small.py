@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.param_dtype = "float32"  # fp32 master weights
     model.scan_layers = True  # one scanned stack per layer kind
     model.remat_policy = "dots"  # keep matmul outputs, recompute the rest
-    model.attention_impl = "xla"  # "cudnn" on GPUs that support it
+    model.attention_impl = "auto"  # "cudnn" on GPUs that support it
 
     model.rope = rope = ml_collections.ConfigDict()
     rope.theta = 10000.0  # rotary base

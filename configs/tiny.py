@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.param_dtype = "float32"
     model.scan_layers = True
     model.remat_policy = "none"
-    model.attention_impl = "xla"
+    model.attention_impl = "auto"  # einsum on CPU, xla on GPU/TPU
 
     model.rope = rope = ml_collections.ConfigDict()
     rope.theta = 10000.0

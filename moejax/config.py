@@ -103,7 +103,9 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters (fp32 master weights)
     scan_layers: bool = True  # stack layers with nn.scan (one stack dense, one MoE)
     remat_policy: str = "none"  # activation checkpointing: none|full|dots|dots_no_batch|save_moe
-    attention_impl: str = "xla"  # "xla" (jax.nn.dot_product_attention), "cudnn", "reference"
+    # "auto" (einsum on CPU, xla elsewhere), "einsum" (heads-major einsums),
+    # "xla" / "cudnn" (jax.nn.dot_product_attention), "reference"
+    attention_impl: str = "auto"
     attention_type: str = "gqa"  # "gqa" (grouped-query) or "mla" (multi-head latent, see mla)
     rope: RopeConfig = RopeConfig()
     moe: MoEConfig = MoEConfig()
@@ -193,7 +195,8 @@ def validate_model(m: ModelConfig) -> None:
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.param_dtype", m.param_dtype, DTYPES)
     _choice("model.remat_policy", m.remat_policy, REMAT_POLICIES)
-    _choice("model.attention_impl", m.attention_impl, ("xla", "cudnn", "reference"))
+    _choice("model.attention_impl", m.attention_impl,
+            ("auto", "einsum", "xla", "cudnn", "reference"))
     _choice("model.rope.style", m.rope.style, ROPE_STYLES)
     _check(0.0 < m.rope.fraction <= 1.0, "model.rope.fraction", m.rope.fraction,
            "must be in (0, 1].")

@@ -59,13 +59,21 @@ def test_mla_cached_decoding_equals_the_full_forward(plain_query, tiny_v3):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
 
 
-def test_mla_xla_kernel_equals_reference_attention(tiny_v3):
+@pytest.mark.parametrize("impl", ["xla", "einsum"])
+def test_mla_attention_impls_equal_reference_in_values_and_gradients(tiny_v3, impl):
     tokens = _tokens()
-    model, v = tiny_v3
-    ref_model = Transformer(moejax.model_config(
-        v3_config("model.attention_impl='reference'").model))
-    np.testing.assert_allclose(jax.jit(model.apply)(v, tokens)[0],
-                               jax.jit(ref_model.apply)(v, tokens)[0], atol=1e-5)
+    _, v = tiny_v3
+    make = lambda name: Transformer(moejax.model_config(  # noqa: E731
+        v3_config(f"model.attention_impl='{name}'").model))
+
+    def loss(params, model):
+        return jnp.mean(model.apply({**v, "params": params}, tokens)[0] ** 2)
+
+    got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(v["params"], make(impl))
+    want = jax.jit(jax.value_and_grad(loss), static_argnums=1)(v["params"], make("reference"))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7),
+                 got[1], want[1])
 
 
 def test_mla_packed_documents_do_not_see_each_other(tiny_v3):

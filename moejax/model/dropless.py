@@ -10,8 +10,9 @@ mask [G, S], expert weights gate/up [E, D, F], down [E, F, D]) -> (out [G, S, D]
 2. Dispatch. xs[j] = x[order[j] // T]: [P, D], a gather with a gather for its VJP
    (dx[n] = sum_t dxs[inverse[n*T + t]]), so no scatter-add anywhere.
 3. Experts. Grouped matmuls over the sorted rows (grouped_matmul.py):
-   ys = gmm(swiglu(gmm(xs, gate), gmm(xs, up)), down)  [P, F] -> [P, D]. Rows of padding
-   pairs are never computed (left zero).
+   ys = gmm(swiglu(gmm(xs, gate), gmm(xs, up)), down)  [P, F] -> [P, D] with ragged_dot on
+   GPU/TPU; on CPU the same FFN fused into one pass over the row windows (grouped_ffn.py).
+   Rows of padding pairs are never computed (left zero).
 4. Combine. out[n] = sum_t w[n, t] * mask[n] * ys[inverse[n*T + t]] (a permutation back,
    VJP: a gather by `order`).
 
@@ -26,7 +27,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.model.grouped_matmul import grouped_matmul
+from moejax.model.grouped_ffn import grouped_swiglu
+from moejax.model.grouped_matmul import default_backend, grouped_matmul, platform_of
 from moejax.model.layers import clamped_swiglu
 
 ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up [E,D,F]; down [E,F,D]
@@ -101,11 +103,15 @@ def dropless_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask
         order, inverse, sizes = sort_pairs(indices, mask, gate.shape[0])
         xs = take_tokens(x.reshape(g * s, d), order, inverse, top_k)  # [P, D]
     with jax.named_scope("experts"):
-        gmm = functools.partial(grouped_matmul, sizes=sizes, backend=backend, block=block,
-                                min_rows=min_rows)
-        h = clamped_swiglu(gmm(xs, gate.astype(x.dtype)), gmm(xs, up.astype(x.dtype)),
-                           swiglu_limit)
-        ys = gmm(h, down.astype(x.dtype))  # [P, D]
+        backend = backend or default_backend(platform_of(xs))
+        if backend == "loop":  # one fused pass over the windows (grouped_ffn.py)
+            ys = grouped_swiglu(xs, gate, up, down, sizes, swiglu_limit, block, min_rows)
+        else:
+            gmm = functools.partial(grouped_matmul, sizes=sizes, backend=backend,
+                                    block=block, min_rows=min_rows)
+            h = clamped_swiglu(gmm(xs, gate.astype(x.dtype)), gmm(xs, up.astype(x.dtype)),
+                               swiglu_limit)
+            ys = gmm(h, down.astype(x.dtype))  # [P, D]
     with jax.named_scope("combine"):
         picked = permute_rows(ys, inverse, order).reshape(g, s, top_k, d)
         w = weights.astype(x.dtype) * mask[..., None].astype(x.dtype)

@@ -20,6 +20,7 @@ into v_up, so the cache never expands. The tests hold both paths equal.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -27,8 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MLAConfig, RopeConfig
-from moejax.model.attention import attention_mask
-from moejax.model.layers import RMSNorm, normal_init
+from moejax.model.attention import (HEADS_MAJOR, attention_mask, heads_major_attention,
+                                    resolve_impl)
+from moejax.model.layers import RMSNorm, linear, normal_init
 from moejax.model.rope import apply_rope, yarn_get_mscale
 from moejax.sharding import constrain
 
@@ -36,7 +38,6 @@ DType = Any
 # HF and DeepSeek's reference build q_a_layernorm / kv_a_layernorm with the default eps
 # (1e-6), whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6
-_ACT = ("act_batch", "act_length", "act_heads", None)
 
 
 def softmax_scale(cfg: MLAConfig, rope: RopeConfig) -> float:
@@ -76,7 +77,7 @@ class MLA(nn.Module):
     num_heads: int
     cfg: MLAConfig
     rope: RopeConfig
-    impl: str = "xla"
+    impl: str = "auto"
     init_std: float = 0.02
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
@@ -91,21 +92,19 @@ class MLA(nn.Module):
         return RMSNorm(LATENT_NORM_EPS, self.dtype, self.param_dtype, name=name)
 
     def _query(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(q_nope [B,L,H,K], rotated q_pe [B,L,H,R])."""
+        """(q_nope [B,H,L,K], rotated q_pe [B,H,L,R]): heads-major."""
         c, h, d = self.cfg, self.num_heads, x.shape[-1]
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
         if c.q_lora_rank:
-            cq = x @ self._param("q_down", ("embed", "q_lora"), (d, c.q_lora_rank))
+            cq = linear(x, self._param("q_down", ("embed", "q_lora"), (d, c.q_lora_rank)))
             cq = self._norm("q_norm")(cq)
-            q = jnp.einsum("BLQ,QHK->BLHK", cq,
-                           self._param("q_up", ("q_lora", "heads", "head_dim"),
+            q = linear(cq, self._param("q_up", ("q_lora", "heads", "head_dim"),
                                        (c.q_lora_rank, h, qk)))
         else:
-            q = jnp.einsum("BLD,DHK->BLHK", x,
-                           self._param("query", ("embed", "heads", "head_dim"), (d, h, qk)))
-        q = constrain(q, _ACT)
+            q = linear(x, self._param("query", ("embed", "heads", "head_dim"), (d, h, qk)))
+        q = constrain(q.transpose(0, 2, 1, 3), HEADS_MAJOR)
         q_nope, q_pe = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
-        return q_nope, apply_rope(q_pe, positions, self._rope())
+        return q_nope, apply_rope(q_pe, positions, self._rope(), heads_first=True)
 
     def _rope(self) -> RopeConfig:
         return dataclasses.replace(self.rope, fraction=1.0)  # every rope channel rotates
@@ -114,8 +113,8 @@ class MLA(nn.Module):
         """(normalised latent c [B,L,C], rotated shared key k_pe [B,L,R])."""
         c, d = self.cfg, x.shape[-1]
         latent = self._norm("kv_norm")(
-            x @ self._param("kv_down", ("embed", "kv_lora"), (d, c.kv_lora_rank)))
-        k_pe = x @ self._param("k_rope", ("embed", "head_dim"), (d, c.qk_rope_head_dim))
+            linear(x, self._param("kv_down", ("embed", "kv_lora"), (d, c.kv_lora_rank))))
+        k_pe = linear(x, self._param("k_rope", ("embed", "head_dim"), (d, c.qk_rope_head_dim)))
         k_pe = apply_rope(k_pe[:, :, None, :], positions, self._rope())[:, :, 0, :]
         return latent, k_pe
 
@@ -134,15 +133,26 @@ class MLA(nn.Module):
         if self.decode:
             out = self._cached_attention(q_nope, q_pe, latent, k_pe, k_up, v_up, scale)
         else:
-            k_nope = jnp.einsum("BSC,CHK->BSHK", latent, k_up)
-            k = jnp.concatenate(
-                [k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3],
-                                                                k_pe.shape[-1]))], axis=-1)
-            v = jnp.einsum("BSC,CHJ->BSHJ", latent, v_up)
-            q = jnp.concatenate([q_nope, q_pe], axis=-1)
-            out = expanded_attention(q, k, v, attention_mask(segment_ids), scale, self.impl)
-        out = constrain(out, _ACT)
-        return jnp.einsum("BLHJ,HJD->BLD", out, w_out)
+            k_nope = linear(latent, k_up).transpose(0, 2, 1, 3)  # [B,H,S,K]
+            v = linear(latent, v_up).transpose(0, 2, 1, 3)
+            out = self._attention(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale)
+        out = constrain(out, HEADS_MAJOR).transpose(0, 2, 1, 3)  # [B,L,H,J]
+        return linear(out, w_out, contract=2)
+
+    def _attention(self, q_nope: jax.Array, q_pe: jax.Array, k_nope: jax.Array,
+                   k_pe: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float
+                   ) -> jax.Array:
+        """Expanded (training/prefill) attention, heads-major in and out: -> [B,H,L,J]."""
+        mask = attention_mask(segment_ids)
+        q = jnp.concatenate([q_nope, q_pe], axis=-1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, None], (*k_nope.shape[:3],
+                                                                     k_pe.shape[-1]))], -1)
+        impl = resolve_impl(self.impl)
+        if impl == "einsum":
+            return heads_major_attention(q, k, v, mask, scale)
+        to_blhk = functools.partial(jnp.transpose, axes=(0, 2, 1, 3))
+        return to_blhk(expanded_attention(to_blhk(q), to_blhk(k), to_blhk(v), mask, scale,
+                                          impl))
 
     def _cached_attention(self, q_nope: jax.Array, q_pe: jax.Array, latent: jax.Array,
                           k_pe: jax.Array, k_up: jax.Array, v_up: jax.Array, scale: float
@@ -165,11 +175,11 @@ class MLA(nn.Module):
         query_pos = start + jnp.arange(length)
         mask = jnp.arange(self.max_len)[None, :] <= query_pos[:, None]  # [L, S]
         f32 = jnp.float32
-        q_latent = jnp.einsum("BLHK,CHK->BLHC", q_nope.astype(f32), k_up.astype(f32))
-        logits = (jnp.einsum("BLHC,BSC->BHLS", q_latent, cached_c.value.astype(f32))
-                  + jnp.einsum("BLHR,BSR->BHLS", q_pe.astype(f32),
+        q_latent = jnp.einsum("BHLK,CHK->BHLC", q_nope.astype(f32), k_up.astype(f32))
+        logits = (jnp.einsum("BHLC,BSC->BHLS", q_latent, cached_c.value.astype(f32))
+                  + jnp.einsum("BHLR,BSR->BHLS", q_pe.astype(f32),
                                cached_k.value.astype(f32))) * scale
         logits = jnp.where(mask[None, None], logits, jnp.finfo(f32).min)
         probs = jax.nn.softmax(logits, axis=-1)
-        out_latent = jnp.einsum("BHLS,BSC->BLHC", probs, cached_c.value.astype(f32))
-        return jnp.einsum("BLHC,CHJ->BLHJ", out_latent, v_up.astype(f32)).astype(self.dtype)
+        out_latent = jnp.einsum("BHLS,BSC->BHLC", probs, cached_c.value.astype(f32))
+        return jnp.einsum("BHLC,CHJ->BHLJ", out_latent, v_up.astype(f32)).astype(self.dtype)

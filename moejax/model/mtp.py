@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from moejax.config import ModelConfig
-from moejax.model.layers import RMSNorm, normal_init
+from moejax.model.layers import RMSNorm, linear, normal_init
 
 MTP_BIAS = "mtp_bias"  # variable of the `moe_bias` collection: [depth, E] balance biases
 
@@ -53,7 +53,7 @@ class MTPModule(nn.Module):
         both = jnp.concatenate([norm("enorm")(next_embedded), norm("hnorm")(hidden)], -1)
         w = self.param("eh_proj", normal_init(cfg.init_std, (None, "embed")), (2 * d, d),
                        pdtype)
-        x = both @ w.astype(dtype)
+        x = linear(both, w.astype(dtype))
         x, stats = self.block(cfg, True, False, name="block")(x, bias, segment_ids, positions)
         return norm("norm")(x), stats
 

@@ -58,19 +58,20 @@ def magnitude_factor(cfg: RopeConfig) -> float:
     return yarn_get_mscale(cfg.yarn_factor, 1.0)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, cfg: RopeConfig) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: RopeConfig,
+               heads_first: bool = False) -> jax.Array:
     """Rotates the first `fraction` of the last dim of x [B, L, H, K] at `positions` [B, L].
 
     style "half" pairs dim i with i + rot/2; "interleaved" pairs (2i, 2i+1) and keeps them
-    in place. Computed in fp32, returned in x's dtype.
+    in place. Computed in fp32, returned in x's dtype. heads_first: x is [B, H, L, K].
     """
     head_dim = x.shape[-1]
     rot_dim = int(head_dim * cfg.fraction)
     inv_freq = jnp.asarray(inverse_frequencies(rot_dim, cfg), jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, rot/2]
     scale = magnitude_factor(cfg)
-    cos = (jnp.cos(angles) * scale)[:, :, None, :]
-    sin = (jnp.sin(angles) * scale)[:, :, None, :]
+    heads = (slice(None), None) if heads_first else (slice(None), slice(None), None)
+    cos, sin = (jnp.cos(angles) * scale)[heads], (jnp.sin(angles) * scale)[heads]
     rot, rest = x[..., :rot_dim].astype(jnp.float32), x[..., rot_dim:]
     if cfg.style == "half":
         a, b = rot[..., : rot_dim // 2], rot[..., rot_dim // 2:]

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.model.layers import normal_init
+from moejax.model.layers import linear, normal_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Router(nn.Module):
     def __call__(self, x: jax.Array, bias: jax.Array) -> Routing:
         w = self.param("kernel", normal_init(self.init_std, ("embed", "expert")),
                        (x.shape[-1], self.num_experts), jnp.float32)
-        logits = jnp.einsum("BLD,DE->BLE", x.astype(jnp.float32), w)
+        logits = linear(x.astype(jnp.float32), w)
         scores = score(logits, self.score_fn)
         indices, weights = select_experts(
             scores, jax.lax.stop_gradient(bias).astype(jnp.float32), self.top_k,
