@@ -12,7 +12,9 @@ import moejax
 from moejax.config import MoEConfig
 from moejax.model.dropless import dropless_dispatch, sort_pairs
 from moejax.model.experts import DISPATCH
+from moejax.model.grouped_ffn import grouped_swiglu
 from moejax.model.grouped_matmul import default_backend, grouped_matmul
+from moejax.model.layers import clamped_swiglu
 from moejax.model.moe import MoE
 from moejax.model.router import select_experts
 from moejax.sharding import param_shardings
@@ -95,6 +97,36 @@ def test_grouped_matmul_segments_and_empty_groups(backend):
     group = np.repeat([0, 1, 2, 3], [6, 0, 11, 3])
     np.testing.assert_allclose(y[:20], np.einsum("mk,mkn->mn", x[:20], w[group]), atol=1e-5)
     np.testing.assert_array_equal(y[20:], 0.0)
+
+
+@pytest.mark.parametrize("limit", [0.0, 0.5])
+def test_fused_grouped_swiglu_equals_three_grouped_matmuls(limit):
+    """grouped_ffn (the CPU path) against gmm(swiglu(gmm, gmm), gmm) with ragged_dot:
+    empty experts, a remainder that needs the masked window, rows past sum(sizes)."""
+    rng = np.random.default_rng(1)
+    sizes = jnp.asarray([7, 0, 19, 1, 30], jnp.int32)  # 57 routed rows of 64
+    x = jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)
+    gate, up = (jnp.asarray(rng.normal(size=(5, 16, 12)) * 0.3, jnp.float32) for _ in "gu")
+    down = jnp.asarray(rng.normal(size=(5, 12, 16)) * 0.3, jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)
+
+    def three(x, gate, up, down):
+        gmm = functools.partial(grouped_matmul, sizes=sizes, backend="ragged_dot")
+        return gmm(clamped_swiglu(gmm(x, gate), gmm(x, up), limit), down)
+
+    def fused(x, gate, up, down):
+        return grouped_swiglu(x, gate, up, down, sizes, limit, block=8, min_rows=2)
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(fn(*a)) * probe),
+                                          argnums=(0, 1, 2, 3)))(x, gate, up, down)
+
+    (want, want_g), (got, got_g) = loss(three), loss(fused)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(got_g, want_g):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    np.testing.assert_array_equal(fused(x, gate, up, down)[57:], 0.0)
+    np.testing.assert_array_equal(got_g[0][57:], 0.0)
 
 
 def test_sort_pairs_groups_by_expert_and_puts_padding_last():
