@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.config import RopeConfig
-from moejax.model.layers import RMSNorm, normal_init
+from moejax.model.layers import RMSNorm, linear, normal_init
 from moejax.model.rope import inverse_frequencies
 from moejax.model.v4_config import V4AttentionConfig
 
@@ -159,7 +159,7 @@ class Compressor(nn.Module):
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(kv, gate) [B, L, c*d] of tokens x [B, L, D] (gate without position_bias)."""
         dt = self.dtype
-        return x @ self.kv_proj.astype(dt), x @ self.gate_proj.astype(dt)
+        return linear(x, self.kv_proj.astype(dt)), linear(x, self.gate_proj.astype(dt))
 
     def finish(self, pooled: jax.Array, first_entry: int | jax.Array, inv_freq: np.ndarray,
                positions: jax.Array | None = None) -> jax.Array:

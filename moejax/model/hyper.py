@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.model.layers import linear
+
 DType = Any
 
 
@@ -83,7 +85,7 @@ class HyperConnection(nn.Module):
                         (n * d, width), jnp.float32)
         base = self.param("base", _param((None,), nn.initializers.zeros), (width,), jnp.float32)
         scale = self.param("scale", _param((None,), nn.initializers.ones), (3,), jnp.float32)
-        mix = flatten_streams(x, self.norm_eps) @ fn  # [B, L, (2+n)n]
+        mix = linear(flatten_streams(x, self.norm_eps), fn)  # [B, L, (2+n)n]
         pre = jax.nn.sigmoid(mix[..., :n] * scale[0] + base[:n]) + self.hc_eps
         post = 2.0 * jax.nn.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
         comb = (mix[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*mix.shape[:-1], n, n)
@@ -105,7 +107,7 @@ class HyperHead(nn.Module):
                         (n * d, n), jnp.float32)
         base = self.param("base", _param((None,), nn.initializers.zeros), (n,), jnp.float32)
         scale = self.param("scale", _param((None,), nn.initializers.ones), (1,), jnp.float32)
-        pre = jax.nn.sigmoid((flatten_streams(x, self.norm_eps) @ fn) * scale[0] + base)
+        pre = jax.nn.sigmoid(linear(flatten_streams(x, self.norm_eps), fn) * scale[0] + base)
         return collapse(x, pre + self.hc_eps)
 
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.model.compressed import Compressor, rotate_tail
-from moejax.model.layers import normal_init
+from moejax.model.layers import linear, normal_init
 
 DType = Any
 
@@ -88,9 +88,9 @@ class Indexer(nn.Module):
     def queries(self, x: jax.Array, qr: jax.Array, positions: jax.Array,
                 inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """(qI [B,L,HI,dI] rotated at t, head weights [B,L,HI])."""
-        q = jnp.einsum("BLQ,QHK->BLHK", qr, self.q_b.astype(self.dtype))
+        q = linear(qr, self.q_b.astype(self.dtype))
         q = rotate_tail(q, positions, inv_freq)
-        w = (x @ self.weights_proj.astype(self.dtype)).astype(jnp.float32)
+        w = linear(x, self.weights_proj.astype(self.dtype)).astype(jnp.float32)
         return q, w * self.num_heads ** -0.5
 
     def __call__(self, x: jax.Array, qr: jax.Array, positions: jax.Array,

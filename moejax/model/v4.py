@@ -33,7 +33,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax.model.hyper import HyperConnection, HyperHead, expand, expand_streams
-from moejax.model.layers import Embed, LMHead, RMSNorm, normal_init
+from moejax.model.layers import Embed, LMHead, RMSNorm, linear, normal_init
 from moejax.model.mtp import MTP_BIAS, mtp_aux, next_tokens
 from moejax.model.router import balance_bias, weighted_moe_loss
 from moejax.model.v4_attention import V4Attention
@@ -236,8 +236,8 @@ class V4MTP(nn.Module):
         init = normal_init(cfg.init_std, ("embed", None))
         e_proj = self.param("e_proj", init, (d, d), pdt)
         h_proj = self.param("h_proj", init, (d, d), pdt)
-        e = norm("enorm")(next_embedded) @ e_proj.astype(dt)
-        x = e[:, :, None, :] + norm("hnorm")(streams) @ h_proj.astype(dt)
+        e = linear(norm("enorm")(next_embedded), e_proj.astype(dt))
+        x = e[:, :, None, :] + linear(norm("hnorm")(streams), h_proj.astype(dt))
         x, stats = _block_class(cfg)(cfg, cfg.mtp.layer_type, False, False, name="block")(
             x, bias, tokens, segment_ids, positions)
         y = HyperHead(cfg.hc.hc_mult, cfg.hc.eps, cfg.norm_eps, cfg.init_std, name="hc_head")(x)

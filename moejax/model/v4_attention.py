@@ -28,7 +28,7 @@ from moejax.model.compressed import (Compressor, banded_sink_attention, entry_se
 from moejax.model.hyper import unweighted_rms_norm
 from moejax.model.indexer import Indexer
 from moejax.model.indexer_loss import indexer_kl
-from moejax.model.layers import RMSNorm, normal_init
+from moejax.model.layers import RMSNorm, linear, normal_init
 from moejax.model.v4_config import V4AttentionConfig
 from moejax.sharding import constrain
 
@@ -95,12 +95,12 @@ class V4Attention(nn.Module):
         compressor, indexer = self._submodules(x.shape[-1])
         inv = rope_inv_freq(a, "main" if self.layer_type == "sliding" else "compress")
         norm = lambda name: RMSNorm(self.norm_eps, dt, jnp.float32, name=name)  # noqa: E731
-        qr = norm("q_norm")(x @ w["q_a"].astype(dt))
-        q = jnp.einsum("BLQ,QHK->BLHK", qr, w["q_b"].astype(dt))
+        qr = norm("q_norm")(linear(x, w["q_a"].astype(dt)))
+        q = linear(qr, w["q_b"].astype(dt))
         q = unweighted_rms_norm(q, self.norm_eps).astype(dt)
         q = constrain(rotate_tail(q, positions, inv), ("act_batch", "act_length", "act_heads",
                                                        None))
-        kv = rotate_tail(norm("kv_norm")(x @ w["kv"].astype(dt)), positions, inv)
+        kv = rotate_tail(norm("kv_norm")(linear(x, w["kv"].astype(dt))), positions, inv)
         kl = jnp.zeros((), jnp.float32)
         if self.decode:
             from moejax.model.decode import decode_attention  # noqa: PLC0415
