@@ -11,7 +11,8 @@ Backends (`backend=None` picks by platform, see `default_backend`):
 - "ragged_dot": `jax.lax.ragged_dot` and its own autodiff. The native path on GPU/TPU.
   XLA:CPU lowers it densely (reported ~50x a dense FFN's forward), so on CPU it is used
   only to test it.
-- "loop": for XLA:CPU. A loop over groups; each segment is cut into windows of `block`
+- "loop": for XLA:CPU (dropless itself runs the fused whole-FFN version of this loop,
+  grouped_ffn.py; this one is the per-matmul building block). A loop over groups; each segment is cut into windows of `block`
   rows, then windows of block/2, block/4, ..., min_rows rows for the remainder (its
   binary decomposition) and one last masked window of min_rows rows. A window is a
   dynamic slice of x times the group's [K, N] weights (one plain matmul), written back
@@ -24,7 +25,7 @@ Backends (`backend=None` picks by platform, see `default_backend`):
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +64,11 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str | 
     raise ValueError(f"grouped matmul backend {backend!r}: use one of {list(BACKENDS)}.")
 
 
-Visit = Callable[[jax.Array, jax.Array, int, jax.Array | None], jax.Array]
+Visit = Callable[[Any, jax.Array, int, jax.Array | None], Any]  # acc: an array or a tuple
 
 
 def _over_windows(start: jax.Array, size: jax.Array, block: int, min_rows: int, total: int,
-                  visit: Visit, acc: jax.Array) -> jax.Array:
+                  visit: Visit, acc: Any) -> Any:
     """acc = visit(acc, s, rows, mask) for the windows covering rows [start, start + size).
 
     size // block full windows, then the remainder r < block as a binary decomposition:
@@ -77,7 +78,7 @@ def _over_windows(start: jax.Array, size: jax.Array, block: int, min_rows: int, 
     Every window is a while loop of 0 or more trips, never a conditional: a conditional
     would copy the carried [M, N] output on every call instead of updating it in place.
     """
-    def windows(acc: jax.Array, s: jax.Array, count: jax.Array, rows: int) -> jax.Array:
+    def windows(acc: Any, s: jax.Array, count: jax.Array, rows: int) -> Any:
         return lax.fori_loop(0, count, lambda j, a: visit(a, s + j * rows, rows, None), acc)
 
     full = size // block
@@ -89,7 +90,7 @@ def _over_windows(start: jax.Array, size: jax.Array, block: int, min_rows: int, 
         acc = windows(acc, s, take, rows)
         s, rest, rows = s + take * rows, rest - take * rows, rows // 2
 
-    def last(j: jax.Array, a: jax.Array) -> jax.Array:
+    def last(j: jax.Array, a: Any) -> Any:
         at = jnp.clip(s, 0, total - smallest)
         r = at + jnp.arange(smallest)
         return visit(a, at, smallest, (r >= s) & (r < start + size))
