@@ -27,6 +27,7 @@ ATTENTION_TYPES = ("gqa", "mla")
 # section holds `moejax.model.v4_config.V4Config`'s fields instead).
 ARCHITECTURES = ("transformer", "deepseek_v4")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "reference")  # model/attention.py
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
@@ -195,8 +196,7 @@ def validate_model(m: ModelConfig) -> None:
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.param_dtype", m.param_dtype, DTYPES)
     _choice("model.remat_policy", m.remat_policy, REMAT_POLICIES)
-    _choice("model.attention_impl", m.attention_impl,
-            ("auto", "einsum", "xla", "cudnn", "reference"))
+    _choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
     _choice("model.rope.style", m.rope.style, ROPE_STYLES)
     _check(0.0 < m.rope.fraction <= 1.0, "model.rope.fraction", m.rope.fraction,
            "must be in (0, 1].")

@@ -4,11 +4,11 @@ A query at position l attends to key s only if s <= l and both carry the same se
 so packed documents never see each other. `reference_attention` is the plain-einsum twin
 used by the tests.
 
-Implementations (`model.attention_impl`): "einsum" computes in a heads-major layout
-([B, H, L, K]: the projections write it directly, so every attention dot has its batch
-dims leading and XLA:CPU runs them without transposes; 0.5x the step time of "xla" for
-the attention of bench/vs_hf.py); "xla" and "cudnn" call `jax.nn.dot_product_attention`;
-"reference" is the einsum twin in [B, L, H, K]. "auto" is "einsum" on CPU, else "xla".
+Implementations (`model.attention_impl`, config.ATTENTION_IMPLS): "einsum" computes in a
+heads-major layout ([B, H, L, K], so every attention dot has its batch dims leading) with a
+hand-written backward; on XLA:CPU its core takes ~0.5x the time of "xla" (bench/xla_cpu.py).
+"xla" and "cudnn" call `jax.nn.dot_product_attention`; "reference" is the einsum twin in
+[B, L, H, K]. "auto" is "einsum" on CPU, else "xla".
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from moejax.sharding import constrain
 DType = Any
 
 
-IMPLS = ("auto", "einsum", "xla", "cudnn", "reference")
 HEADS_MAJOR = ("act_batch", "act_heads", "act_length", None)  # logical axes of [B, H, L, K]
 
 
