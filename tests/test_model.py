@@ -97,7 +97,8 @@ def test_remat_gives_same_outputs_and_gradients(policy):
 
 def test_aux_reports_per_layer_moe_statistics():
     tokens = _tokens()
-    model, v = _init(small_config("model.moe.capacity_factor=0.5"), tokens)
+    capacity = small_config("model.moe.dispatch='index'", "model.moe.capacity_factor=0.5")
+    model, v = _init(capacity, tokens)
     _, aux = jax.jit(model.apply)(v, tokens)
     assert aux["expert_load"].shape == (2, 8)
     np.testing.assert_allclose(aux["expert_load"].sum(-1), 1.0, rtol=1e-6)

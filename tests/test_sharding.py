@@ -84,7 +84,7 @@ def test_other_dispatches_on_expert_mesh_equal_the_reference(reference, dispatch
 
 
 def test_dropping_is_the_same_sharded_and_unsharded():
-    cfg = small_config("model.moe.capacity_factor=0.75")
+    cfg = small_config("model.moe.dispatch='index'", "model.moe.capacity_factor=0.75")
     model = moejax.Transformer(moejax.model_config(cfg.model))
     tokens = jax.random.randint(jax.random.key(2), (8, 32), 0, 128)
     results = []

@@ -111,7 +111,9 @@ def test_gradient_accumulation_over_two_micro_batches_equals_one_batch():
     acc_params, acc = _one_step(2, batch)
     for name in ("loss", "cross_entropy", "grad_norm", "moe/balance_loss", "moe/z_loss"):
         np.testing.assert_allclose(acc[name], full[name], rtol=2e-5, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    # atol: dropless sums each expert's weight gradient in a different order per split
+    # (2e-6 seen on one of 4096 entries); a wrong accumulation is off by ~learning rate.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-6),
                  acc_params, full_params)
 
 
