@@ -107,8 +107,7 @@ def dropless_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask
         if backend == "loop":  # one fused pass over the windows (grouped_ffn.py)
             ys = grouped_swiglu(xs, gate, up, down, sizes, swiglu_limit, block, min_rows)
         else:
-            gmm = functools.partial(grouped_matmul, sizes=sizes, backend=backend,
-                                    block=block, min_rows=min_rows)
+            gmm = functools.partial(grouped_matmul, sizes=sizes, backend=backend)
             h = clamped_swiglu(gmm(xs, gate.astype(x.dtype)), gmm(xs, up.astype(x.dtype)),
                                swiglu_limit)
             ys = gmm(h, down.astype(x.dtype))  # [P, D]

@@ -12,7 +12,7 @@ hand and is again one pass: per window it recomputes SwiGLU from the saved pre-a
 x @ [gate | up] ([M, 2F], the only residual besides the inputs), and accumulates the
 expert's weight gradients in the loop carry.
 
-Windows are those of grouped_matmul's "loop" backend (`_over_windows`): full windows of
+Windows are those of grouped_matmul's "loop" backend (`over_windows`): full windows of
 `block` rows, the remainder as a binary decomposition down to `min_rows`, and one masked
 last window.
 """
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moejax.model.grouped_matmul import _bounds, _over_windows
+from moejax.model.grouped_matmul import over_windows, segment_bounds
 from moejax.model.layers import clamped_swiglu
 
 
@@ -72,7 +72,7 @@ def _ffn_fwd(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
              sizes: jax.Array, limit: float, block: int, min_rows: int
              ) -> tuple[jax.Array, tuple[Any, ...]]:
     m, f = x.shape[0], down.shape[1]
-    starts, counts = _bounds(sizes)
+    starts, counts = segment_bounds(sizes)
 
     def expert(e: jax.Array, carry: tuple[jax.Array, jax.Array]
                ) -> tuple[jax.Array, jax.Array]:
@@ -88,7 +88,7 @@ def _ffn_fwd(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
                 pre_w.astype(pre.dtype), _rows(pre, s, rows), mask)
             return (lax.dynamic_update_slice_in_dim(y, y_w, s, 0),
                     lax.dynamic_update_slice_in_dim(pre, pre_w, s, 0))
-        return _over_windows(starts[e], counts[e], block, min_rows, m, visit, carry)
+        return over_windows(starts[e], counts[e], block, min_rows, m, visit, carry)
 
     init = (jnp.zeros((m, x.shape[1]), x.dtype), jnp.zeros((m, 2 * f), x.dtype))
     y, pre = lax.fori_loop(0, gate.shape[0], expert, init)
@@ -99,7 +99,7 @@ def _ffn_bwd(limit: float, block: int, min_rows: int, res: tuple[Any, ...], dy: 
              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, None]:
     x, gate, up, down, sizes, pre = res
     (m, d), (num_experts, f) = x.shape, down.shape[:2]
-    starts, counts = _bounds(sizes)
+    starts, counts = segment_bounds(sizes)
     swiglu = functools.partial(clamped_swiglu, limit=limit)
 
     def expert(e: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
@@ -122,7 +122,7 @@ def _ffn_bwd(limit: float, block: int, min_rows: int, res: tuple[Any, ...], dy: 
 
         dx, grads = carry[0], carry[1:]
         acc = (dx, jnp.zeros((d, 2 * f), jnp.float32), jnp.zeros((f, d), jnp.float32))
-        dx, acc_in, acc_out = _over_windows(starts[e], counts[e], block, min_rows, m, visit,
+        dx, acc_in, acc_out = over_windows(starts[e], counts[e], block, min_rows, m, visit,
                                             acc)
         per_expert = (acc_in[:, :f], acc_in[:, f:], acc_out)  # d gate_e, d up_e, d down_e
         return (dx, *(lax.dynamic_update_index_in_dim(g, a.astype(g.dtype), e, 0)

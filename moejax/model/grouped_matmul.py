@@ -67,7 +67,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, backend: str | 
 Visit = Callable[[Any, jax.Array, int, jax.Array | None], Any]  # acc: an array or a tuple
 
 
-def _over_windows(start: jax.Array, size: jax.Array, block: int, min_rows: int, total: int,
+def over_windows(start: jax.Array, size: jax.Array, block: int, min_rows: int, total: int,
                   visit: Visit, acc: Any) -> Any:
     """acc = visit(acc, s, rows, mask) for the windows covering rows [start, start + size).
 
@@ -97,7 +97,8 @@ def _over_windows(start: jax.Array, size: jax.Array, block: int, min_rows: int, 
     return lax.fori_loop(0, (rest > 0).astype(jnp.int32), last, acc)
 
 
-def _bounds(sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
+def segment_bounds(sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """sizes [E] -> (start of each group's segment, its size)."""
     ends = jnp.cumsum(sizes)
     return ends - sizes, sizes
 
@@ -107,7 +108,7 @@ def _gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, block: int, min_rows: int
     """The forward loop: y = x @ w[e] per segment ([E, K, N]; with transpose, w[e]^T)."""
     m, k = x.shape
     n = w.shape[1] if transpose else w.shape[2]
-    starts, counts = _bounds(sizes)
+    starts, counts = segment_bounds(sizes)
     contract = (((1,), (1,)), ((), ())) if transpose else (((1,), (0,)), ((), ()))
 
     def expert(e: jax.Array, y: jax.Array) -> jax.Array:
@@ -120,7 +121,7 @@ def _gmm(x: jax.Array, w: jax.Array, sizes: jax.Array, block: int, min_rows: int
             if mask is not None:
                 yw = jnp.where(mask[:, None], yw, lax.dynamic_slice(y, (s, 0), (rows, n)))
             return lax.dynamic_update_slice(y, yw, (s, 0))
-        return _over_windows(starts[e], counts[e], block, min_rows, m, visit, y)
+        return over_windows(starts[e], counts[e], block, min_rows, m, visit, y)
 
     return lax.fori_loop(0, w.shape[0], expert, jnp.zeros((m, n), x.dtype))
 
@@ -130,7 +131,7 @@ def _gmm_dw(x: jax.Array, dy: jax.Array, sizes: jax.Array, block: int, min_rows:
     """dw[e] = x_e^T dy_e over e's segment: x [M, K], dy [M, N] -> [E, K, N] (fp32 sums)."""
     m, k = x.shape
     n = dy.shape[1]
-    starts, counts = _bounds(sizes)
+    starts, counts = segment_bounds(sizes)
 
     def visit(acc: jax.Array, s: jax.Array, rows: int, mask: jax.Array | None) -> jax.Array:
         xw = lax.dynamic_slice(x, (s, 0), (rows, k))
@@ -141,7 +142,7 @@ def _gmm_dw(x: jax.Array, dy: jax.Array, sizes: jax.Array, block: int, min_rows:
                                      preferred_element_type=jnp.float32)
 
     def expert(e: jax.Array, dw: jax.Array) -> jax.Array:
-        acc = _over_windows(starts[e], counts[e], block, min_rows, m, visit,
+        acc = over_windows(starts[e], counts[e], block, min_rows, m, visit,
                             jnp.zeros((k, n), jnp.float32))
         return lax.dynamic_update_index_in_dim(dw, acc.astype(dw.dtype), e, 0)
 
