@@ -19,6 +19,8 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DISPATCHES = ("dense", "einsum", "index", "dropless")
 EXPERT_PARALLEL = ("gspmd", "shard_map")  # who moves tokens to experts (see MoEConfig)
 EXPERT_TRANSPORTS = ("auto", "all_gather", "ragged")  # shard_map transports
+# how dropless runs its experts: "auto" = "ragged_dot" on GPU/TPU, "bulk" on CPU (dropless.py)
+DROPLESS_BACKENDS = ("auto", "bulk", "loop", "ragged_dot")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe")
 ROPE_STYLES = ("half", "interleaved")
 ATTENTION_TYPES = ("gqa", "mla")
@@ -61,6 +63,7 @@ class MoEConfig:
     # buffers, GSPMD-sharded), "einsum" (GShard one-hots), "dense" (oracle)
     dispatch: str = "dropless"
     group_size: int = 512  # tokens per dispatch group (capacity is per group)
+    dropless_backend: str = "auto"  # dropless experts: "auto", "bulk", "loop", "ragged_dot"
     expert_parallel: str = "gspmd"  # "gspmd" (GSPMD all-to-all) or "shard_map" (expert_parallel.py)
     expert_transport: str = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto" by platform
     balance_loss_coef: float = 0.0  # sequence-wise balance loss coefficient (0 disables)
@@ -237,6 +240,7 @@ def validate_moe(e: MoEConfig) -> None:
     _choice("model.moe.dispatch", e.dispatch, DISPATCHES)
     _choice("model.moe.expert_parallel", e.expert_parallel, EXPERT_PARALLEL)
     _choice("model.moe.expert_transport", e.expert_transport, EXPERT_TRANSPORTS)
+    _choice("model.moe.dropless_backend", e.dropless_backend, DROPLESS_BACKENDS)
     _check(e.expert_parallel == "gspmd" or e.dispatch in ("index", "dropless"),
            "model.moe.dispatch", e.dispatch, "model.moe.expert_parallel='shard_map' runs "
            "'index' or 'dropless' per expert shard; pick one, or expert_parallel='gspmd'.")

@@ -12,6 +12,7 @@ BAD = [
     ("model.num_kv_heads=3", "model.num_kv_heads"),
     ("model.moe.score_fn='relu'", "model.moe.score_fn"),
     ("model.moe.dispatch='magic'", "model.moe.dispatch"),
+    ("model.moe.dropless_backend='gpu'", "model.moe.dropless_backend"),
     ("mesh.expert=3", "model.moe.num_experts"),
     ("mesh.tensor=4", "model.num_kv_heads"),
     ("model.num_dense_layers=9", "model.num_dense_layers"),

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import moejax
 from moejax.config import MoEConfig
-from moejax.model.dropless import dropless_dispatch, sort_pairs
+from moejax.model.dropless import dropless_dispatch, expert_backend, sort_pairs
 from moejax.model.experts import DISPATCH
 from moejax.model.grouped_ffn import grouped_swiglu
 from moejax.model.grouped_matmul import default_backend, grouped_matmul
@@ -22,7 +22,9 @@ from moejax.sharding import param_shardings
 G, S, D, E, F, T = 2, 16, 8, 4, 6, 2
 # (backend, largest/smallest row window of the loop backend, swiglu limit); windows 8/2 give
 # full windows, windows of 4 and 2 rows for the remainder and a last masked one.
-CASES = [("loop", (8, 2), 0.5), ("loop", (512, 16), 0.0), ("ragged_dot", (0, 0), 0.5)]
+# "bulk" has no windows to choose (its overflow loop keeps its own; test_bulk_dropless.py).
+CASES = [("loop", (8, 2), 0.5), ("loop", (512, 16), 0.0), ("ragged_dot", (0, 0), 0.5),
+         ("bulk", (0, 0), 0.5), ("bulk", (0, 0), 0.0)]
 
 
 def _problem(seed: int = 0, mask_last: int = 3, one_expert: bool = False):
@@ -141,6 +143,8 @@ def test_sort_pairs_groups_by_expert_and_puts_padding_last():
 def test_backend_follows_the_platform():
     assert default_backend("cpu") == "loop"
     assert default_backend("gpu") == default_backend("tpu") == "ragged_dot"
+    assert expert_backend("cpu") == "bulk"
+    assert expert_backend("gpu") == expert_backend("tpu") == "ragged_dot"
 
 
 def _moe_loss(module, bias, mask):

@@ -27,11 +27,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moejax.model.bulk_dropless import bulk_dropless_experts
 from moejax.model.grouped_ffn import grouped_swiglu
 from moejax.model.grouped_matmul import default_backend, grouped_matmul, platform_of
 from moejax.model.layers import clamped_swiglu
+from moejax.model.row_gather import permute_rows, take_tokens
 
 ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up [E,D,F]; down [E,F,D]
+EXPERT_BACKENDS = ("ragged_dot", "loop", "bulk")
 
 
 def sort_pairs(indices: jax.Array, mask: jax.Array, num_experts: int
@@ -46,43 +49,9 @@ def sort_pairs(indices: jax.Array, mask: jax.Array, num_experts: int
     return order, inverse, sizes
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def take_tokens(x: jax.Array, order: jax.Array, inverse: jax.Array, top_k: int
-                ) -> jax.Array:
-    """xs[j] = x[order[j] // T]: tokens [N, D] -> sorted pairs [P, D]."""
-    return jnp.take(x, order // top_k, axis=0)
-
-
-def _take_tokens_fwd(x: jax.Array, order: jax.Array, inverse: jax.Array, top_k: int
-                     ) -> tuple[jax.Array, jax.Array]:
-    return take_tokens(x, order, inverse, top_k), inverse
-
-
-def _take_tokens_bwd(top_k: int, inverse: jax.Array, dxs: jax.Array
-                     ) -> tuple[jax.Array, None, None]:
-    per_pair = jnp.take(dxs, inverse, axis=0)  # [P, D], token-major
-    return per_pair.reshape(-1, top_k, dxs.shape[-1]).sum(1), None, None
-
-
-take_tokens.defvjp(_take_tokens_fwd, _take_tokens_bwd)
-
-
-@jax.custom_vjp
-def permute_rows(a: jax.Array, perm: jax.Array, inverse: jax.Array) -> jax.Array:
-    """a[perm] for a permutation perm whose inverse is given; the VJP is g[inverse]."""
-    return jnp.take(a, perm, axis=0)
-
-
-def _permute_fwd(a: jax.Array, perm: jax.Array, inverse: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
-    return permute_rows(a, perm, inverse), inverse
-
-
-def _permute_bwd(inverse: jax.Array, g: jax.Array) -> tuple[jax.Array, None, None]:
-    return jnp.take(g, inverse, axis=0), None, None
-
-
-permute_rows.defvjp(_permute_fwd, _permute_bwd)
+def expert_backend(platform: str) -> str:
+    """"ragged_dot" on GPU/TPU; "bulk" on XLA:CPU (bulk_dropless.py, see bench/README.md)."""
+    return "bulk" if default_backend(platform) == "loop" else "ragged_dot"
 
 
 def dropless_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
@@ -90,20 +59,30 @@ def dropless_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask
                       swiglu_limit: float = 0.0, backend: str | None = None,
                       block: int = 512, min_rows: int = 32
                       ) -> tuple[jax.Array, jax.Array]:
-    """Sort pairs by expert -> grouped-matmul SwiGLU -> unsort and combine (module doc).
+    """Sort pairs by expert -> grouped SwiGLU -> unsort and combine (module doc).
 
-    `backend` forces the grouped-matmul backend ("ragged_dot" or "loop"; None: by
-    platform); `block` and `min_rows` are the largest and smallest row windows of "loop".
+    `backend` forces how the experts run (one of EXPERT_BACKENDS; None: `expert_backend`
+    of the platform); `block` and `min_rows` are the largest and smallest row windows of
+    "loop".
     """
     del capacity_factor
     g, s, d = x.shape
     top_k = indices.shape[-1]
     gate, up, down = expert_weights
+    backend = backend or expert_backend(platform_of(x))
+    if backend not in EXPERT_BACKENDS:
+        raise ValueError(f"dropless backend {backend!r}: use one of {list(EXPERT_BACKENDS)}.")
+    w = (weights.astype(x.dtype) * mask[..., None].astype(x.dtype)).reshape(-1)  # [P]
     with jax.named_scope("dispatch"):
         order, inverse, sizes = sort_pairs(indices, mask, gate.shape[0])
+    if backend == "bulk":
+        with jax.named_scope("experts"):
+            out = bulk_dropless_experts(x.reshape(g * s, d), order, sizes, w, top_k,
+                                        expert_weights, swiglu_limit)
+        return out.reshape(g, s, d), jnp.zeros((), jnp.int32)
+    with jax.named_scope("dispatch"):
         xs = take_tokens(x.reshape(g * s, d), order, inverse, top_k)  # [P, D]
     with jax.named_scope("experts"):
-        backend = backend or default_backend(platform_of(xs))
         if backend == "loop":  # one fused pass over the windows (grouped_ffn.py)
             ys = grouped_swiglu(xs, gate, up, down, sizes, swiglu_limit, block, min_rows)
         else:
@@ -113,6 +92,5 @@ def dropless_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask
             ys = gmm(h, down.astype(x.dtype))  # [P, D]
     with jax.named_scope("combine"):
         picked = permute_rows(ys, inverse, order).reshape(g, s, top_k, d)
-        w = weights.astype(x.dtype) * mask[..., None].astype(x.dtype)
-        out = jnp.einsum("GSTD,GST->GSD", picked, w)
+        out = jnp.einsum("GSTD,GST->GSD", picked, w.reshape(g, s, top_k))
     return out, jnp.zeros((), jnp.int32)

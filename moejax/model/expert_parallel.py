@@ -107,18 +107,21 @@ def local_index_experts(x: jax.Array, indices: jax.Array, weights: jax.Array,
 
 def local_dropless_experts(x: jax.Array, indices: jax.Array, weights: jax.Array,
                            mask: jax.Array, expert_weights: ExpertWeights, first: jax.Array,
-                           swiglu_limit: float) -> tuple[jax.Array, jax.Array]:
+                           swiglu_limit: float, backend: str | None = None
+                           ) -> tuple[jax.Array, jax.Array]:
     """dropless dispatch over experts [first, first + E_l); other pairs get the padding id."""
     e_local = expert_weights[0].shape[0]
     local = indices - first
     local = jnp.where((local >= 0) & (local < e_local), local, e_local)
-    return dropless_dispatch(x, local, weights, mask, expert_weights, 0.0, swiglu_limit)
+    return dropless_dispatch(x, local, weights, mask, expert_weights, 0.0, swiglu_limit,
+                             backend)
 
 
 def _all_gather_shard(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
                       gate: jax.Array, up: jax.Array, down: jax.Array, *, c: int,
                       local: str, swiglu_limit: float, gather: bool, tensor: bool,
-                      batch_axes: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
+                      batch_axes: tuple[str, ...], dropless_backend: str | None
+                      ) -> tuple[jax.Array, jax.Array]:
     """Per-shard body of the all_gather transport (see the module docstring)."""
     if gather:
         x, indices, weights, mask = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
@@ -126,7 +129,7 @@ def _all_gather_shard(x: jax.Array, indices: jax.Array, weights: jax.Array, mask
     first = jax.lax.axis_index("expert") * gate.shape[0]
     if local == "dropless":
         out, dropped = local_dropless_experts(x, indices, weights, mask, (gate, up, down),
-                                              first, swiglu_limit)
+                                              first, swiglu_limit, dropless_backend)
     else:
         out, dropped = local_index_experts(x, indices, weights, mask, (gate, up, down), first,
                                            c, swiglu_limit)
@@ -148,7 +151,8 @@ def _batch_axes(spec: PartitionSpec) -> tuple[str, ...]:
 def expert_parallel_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array,
                              mask: jax.Array, expert_weights: ExpertWeights,
                              capacity_factor: float, swiglu_limit: float = 0.0, *,
-                             mesh: Mesh, transport: str = "auto", local: str = "index"
+                             mesh: Mesh, transport: str = "auto", local: str = "index",
+                             dropless_backend: str | None = None
                              ) -> tuple[jax.Array, jax.Array]:
     """The dispatch contract of experts.py, computed per expert shard under shard_map.
 
@@ -157,6 +161,8 @@ def expert_parallel_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Arra
     mesh.tensor > 1, F % mesh.tensor == 0 (the F slices are summed by a psum over tensor).
     `local` ("index" or "dropless") is the per-shard computation of the all_gather
     transport; the ragged transport is always dropless up to its receive buffer.
+    `dropless_backend` is dropless_dispatch's `backend` for the local experts (None: by
+    platform).
     """
     if local not in LOCAL_DISPATCHES:
         raise ValueError(f"expert parallelism computes {list(LOCAL_DISPATCHES)} per shard, "
@@ -181,12 +187,12 @@ def expert_parallel_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Arra
         body = functools.partial(ragged_shard, num_experts=num_experts,
                                  capacity_factor=capacity_factor, swiglu_limit=swiglu_limit,
                                  tensor=t > 1, batch_axes=batch_axes,
-                                 native=_native_ragged(mesh))
+                                 native=_native_ragged(mesh), backend=dropless_backend)
     else:  # all_gather, or tokens already whole on the expert axis (then no gather, a psum)
         c = capacity(s, indices.shape[-1], num_experts, capacity_factor)
         body = functools.partial(_all_gather_shard, c=c, local=local,
                                  swiglu_limit=swiglu_limit, gather=gather, tensor=t > 1,
-                                 batch_axes=batch_axes)
+                                 batch_axes=batch_axes, dropless_backend=dropless_backend)
     # dropless.py's loops and custom VJPs are not typed for shard_map's varying-axis check
     # (loop carries start invariant, weight cotangents come back varying over the batch
     # axes); without the check, shard_map's transpose psums them (tests hold the grads).
@@ -201,18 +207,22 @@ def _native_ragged(mesh: Mesh) -> bool:
     return mesh.devices.flat[0].platform in RAGGED_PLATFORMS
 
 
-def select_dispatch(dispatch: str, expert_parallel: str = "gspmd", transport: str = "auto"
-                    ) -> DispatchFn:
+def select_dispatch(dispatch: str, expert_parallel: str = "gspmd", transport: str = "auto",
+                    dropless_backend: str = "auto") -> DispatchFn:
     """The dispatch function a MoE layer calls: DISPATCH[dispatch], or this file's shard_map
     path when expert_parallel == "shard_map" and a mesh is active (`use_mesh`).
 
     "dropless" on a multi-device mesh always takes the shard_map path: GSPMD cannot shard
     its sort, so under "gspmd" every device would gather and sort every pair of the batch
     (measured on 2 CPU devices: 1.5x the step time). With mesh.expert = 1 the shard_map
-    path is purely local to each batch shard (no communication)."""
+    path is purely local to each batch shard (no communication). `dropless_backend`
+    ("auto": by platform) picks how dropless runs its experts (dropless.EXPERT_BACKENDS)."""
+    backend = None if dropless_backend == "auto" else dropless_backend
     mesh = active_mesh()
     local_dropless = dispatch == "dropless" and mesh is not None and mesh.size > 1
     if mesh is None or (expert_parallel != "shard_map" and not local_dropless):
+        if dispatch == "dropless":
+            return functools.partial(DISPATCH[dispatch], backend=backend)
         return DISPATCH[dispatch]
     return functools.partial(expert_parallel_dispatch, mesh=mesh, transport=transport,
-                             local=dispatch)
+                             local=dispatch, dropless_backend=backend)

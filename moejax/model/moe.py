@@ -37,7 +37,8 @@ def routed_experts(module: nn.Module, x: jax.Array, routing: Any, mask: jax.Arra
     Creates `module`'s stacked expert weights gate/up [E, D, F] and down [E, F, D] (init
     std `module.init_std`, dtype `module.param_dtype`), cuts x [B, L, D] into groups of
     `cfg.group_size` tokens and runs the dispatch `cfg` selects (dispatch, expert_parallel,
-    expert_transport, capacity_factor; MoEConfig and V4MoEConfig both have them).
+    expert_transport, dropless_backend, capacity_factor; MoEConfig and V4MoEConfig both
+    have them).
     Returns (y [B, L, D], dropped (token, choice) pairs).
     """
     b, length, d = x.shape
@@ -51,7 +52,8 @@ def routed_experts(module: nn.Module, x: jax.Array, routing: Any, mask: jax.Arra
     s = group_size_for(b * length, cfg.group_size)
     g = b * length // s
     grouped = constrain(x.reshape(g, s, d), ("act_batch", None, "act_embed"))
-    dispatch = select_dispatch(cfg.dispatch, cfg.expert_parallel, cfg.expert_transport)
+    dispatch = select_dispatch(cfg.dispatch, cfg.expert_parallel, cfg.expert_transport,
+                               cfg.dropless_backend)
     routed, dropped = dispatch(
         grouped, routing.indices.reshape(g, s, -1), routing.weights.reshape(g, s, -1),
         mask.reshape(g, s), weights, cfg.capacity_factor, swiglu_limit)

@@ -96,7 +96,7 @@ def exchange(operand: jax.Array, output: jax.Array, plan: ExchangePlan, native: 
 
 
 def local_swiglu_rows(rows: jax.Array, experts: jax.Array, weights: tuple[jax.Array, ...],
-                     swiglu_limit: float) -> jax.Array:
+                     swiglu_limit: float, backend: str | None = None) -> jax.Array:
     """SwiGLU of rows [R, D] by local expert ids [R] (outside [0, E_l): zero), dropless.
 
     The rows are R tokens with one choice each, weight 1: `dropless_dispatch` sorts them by
@@ -106,14 +106,16 @@ def local_swiglu_rows(rows: jax.Array, experts: jax.Array, weights: tuple[jax.Ar
     valid = (experts >= 0) & (experts < e_local)
     ids = jnp.where(valid, experts, e_local)[None, :, None]  # [1, R, 1]
     ones = jnp.ones(ids.shape, rows.dtype)
-    out, _ = dropless_dispatch(rows[None], ids, ones, valid[None], weights, 0.0, swiglu_limit)
+    out, _ = dropless_dispatch(rows[None], ids, ones, valid[None], weights, 0.0, swiglu_limit,
+                               backend)
     return out[0]
 
 
 def ragged_shard(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
                  gate: jax.Array, up: jax.Array, down: jax.Array, *, num_experts: int,
                  capacity_factor: float, swiglu_limit: float, tensor: bool,
-                 batch_axes: tuple[str, ...], native: bool) -> tuple[jax.Array, jax.Array]:
+                 batch_axes: tuple[str, ...], native: bool, backend: str | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
     """Per-shard body of the ragged transport: x [G_l, S, D] -> (out [G_l, S, D], dropped)."""
     g, s, d = x.shape
     top_k = indices.shape[-1]
@@ -128,7 +130,8 @@ def ragged_shard(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax
     send = x.reshape(g * s, d)[order // top_k]
     rows = exchange(send, jnp.zeros((r, d), x.dtype), forward, native)
     ids = exchange(eid[order], jnp.full((r,), -1, eid.dtype), forward, native)
-    y = local_swiglu_rows(rows, ids - me * gate.shape[0], (gate, up, down), swiglu_limit)
+    y = local_swiglu_rows(rows, ids - me * gate.shape[0], (gate, up, down), swiglu_limit,
+                          backend)
     if tensor:
         y = jax.lax.psum(y, "tensor")
     back = exchange(y, jnp.zeros((pairs, d), y.dtype), reverse, native)

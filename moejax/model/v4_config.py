@@ -62,6 +62,7 @@ class V4MoEConfig:
     dispatch: str = "dense"  # "index" (capacity buffers), "dropless" (sorted) or "dense" (oracle)
     capacity_factor: float = 0.0  # C = ceil(cf * S * k / E); <= 0 = no drops
     group_size: int = 512  # tokens per dispatch group (capacity is per group)
+    dropless_backend: str = "auto"  # dropless experts: "auto", "bulk", "loop", "ragged_dot"
     expert_parallel: str = "gspmd"  # or "shard_map" (explicit transport, expert_parallel.py)
     expert_transport: str = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto"
     balance_loss_coef: float = 0.0  # sequence-wise balance loss coefficient
@@ -167,11 +168,14 @@ def validate_moe(e: V4MoEConfig, num_layers: int, p: str) -> None:
            f"use one of {list(V4_SCORE_FUNCTIONS)}.")
     _check(e.dispatch in V4_DISPATCHES, f"{p}.dispatch", e.dispatch,
            f"use one of {list(V4_DISPATCHES)}.")
-    from moejax.config import EXPERT_PARALLEL, EXPERT_TRANSPORTS  # noqa: PLC0415
+    from moejax.config import (DROPLESS_BACKENDS, EXPERT_PARALLEL,  # noqa: PLC0415
+                               EXPERT_TRANSPORTS)
     _check(e.expert_parallel in EXPERT_PARALLEL, f"{p}.expert_parallel", e.expert_parallel,
            f"use one of {list(EXPERT_PARALLEL)}.")
     _check(e.expert_transport in EXPERT_TRANSPORTS, f"{p}.expert_transport",
            e.expert_transport, f"use one of {list(EXPERT_TRANSPORTS)}.")
+    _check(e.dropless_backend in DROPLESS_BACKENDS, f"{p}.dropless_backend",
+           e.dropless_backend, f"use one of {list(DROPLESS_BACKENDS)}.")
     _check(e.expert_parallel == "gspmd" or e.dispatch in ("index", "dropless"),
            f"{p}.dispatch", e.dispatch, f"{p}.expert_parallel='shard_map' runs 'index' or "
            "'dropless' per expert shard; pick one, or expert_parallel='gspmd'.")
