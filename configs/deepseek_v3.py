@@ -73,6 +73,7 @@ def _model(full: bool) -> ml_collections.ConfigDict:
     moe.group_size = 512  # tokens per dispatch group
     moe.expert_parallel = "gspmd"  # or "shard_map": explicit expert-parallel transport
     moe.expert_transport = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto"
+    moe.dropless_backend = "auto"  # dropless experts: ragged_dot (gpu/tpu), bulk (cpu), loop
     moe.balance_loss_coef = 1e-4  # paper: sequence-wise balance loss alpha = 0.0001
     moe.z_loss_coef = 0.0  # not used by DeepSeek-V3
     moe.bias_update_rate = 1e-3  # paper: gamma = 0.001 (aux-loss-free balancing)

@@ -76,6 +76,7 @@ def _model(size: str) -> ml_collections.ConfigDict:
     e.dispatch = "index" if (flash or pro) else "dense"  # dense = oracle (CPU-size only)
     e.capacity_factor = 1.25 if (flash or pro) else 0.0  # <= 0: no drops
     e.group_size = 512  # tokens per dispatch group
+    e.dropless_backend = "auto"  # dropless experts: ragged_dot (gpu/tpu), bulk (cpu), loop
     e.balance_loss_coef = 1e-4  # small sequence-wise balance loss
     e.z_loss_coef = 0.0  # router z-loss
     e.bias_update_rate = 1e-3  # aux-loss-free balancing rate

@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     moe.group_size = 512
     moe.expert_parallel = "gspmd"  # or "shard_map": explicit expert-parallel transport
     moe.expert_transport = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto"
+    moe.dropless_backend = "auto"  # dropless experts: ragged_dot (gpu/tpu), bulk (cpu), loop
     moe.balance_loss_coef = 1e-4  # small sequence-wise loss beside the bias balancing
     moe.z_loss_coef = 1e-4
     moe.bias_update_rate = 1e-2  # fast enough to rebalance within a few hundred steps
