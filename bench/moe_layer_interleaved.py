@@ -6,7 +6,9 @@ one after the other, and both the wall time and this process's CPU time are kept
 ratios of the minima and of the medians are printed. Same shapes as moe_layer.py.
 
     python bench/moe_layer_interleaved.py [--experts 64 --top-k 6 --hidden 256]
-        [--dispatch index,dropless] [--rounds 5] [--passes fwd,fwd_bwd] [--json]
+        [--dispatch index,dropless,dropless:loop] [--rounds 5] [--passes fwd,fwd_bwd] [--json]
+
+A dispatch "dropless:B" runs dropless with `model.moe.dropless_backend` B.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--dispatch", default="index,dropless")
+    parser.add_argument("--dispatch", default="index,dropless,dropless:loop")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--passes", default="fwd,fwd_bwd")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -57,9 +59,11 @@ def main() -> None:
     x = jax.random.normal(jax.random.key(1), (args.tokens // 512, 512, args.dim))
     bias, mask = jnp.zeros(args.experts), jnp.ones(x.shape[:2], bool)
     thunks = {"dense_ffn": compiled(MLP(args.top_k * args.hidden), x, (), passes)}
-    for name in args.dispatch.split(","):
+    for name in args.dispatch.split(","):  # "dropless:loop" = dropless_backend "loop"
+        dispatch, _, backend = name.partition(":")
         cfg = MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_hidden=args.hidden,
-                        num_shared_experts=0, dispatch=name)
+                        num_shared_experts=0, dispatch=dispatch,
+                        dropless_backend=backend or "auto")
         thunks[name] = compiled(MoE(cfg), x, (bias, mask), passes)
     times: dict[tuple[str, str], list[tuple[float, float]]] = {
         (n, p): [] for n in thunks for p in passes}
