@@ -82,6 +82,10 @@ def attention_case(rng: np.random.Generator) -> dict[str, Callable[[], Any]]:
             q, k, v, mask, k.shape[-1] ** -0.5), q, key, v),
         "attention_heads_major": grad_fn(lambda q, k, v: heads_major_attention(
             q, k, v, mask, k.shape[-1] ** -0.5), *heads),
+        "attention_heads_major_2_blocks": grad_fn(lambda q, k, v: heads_major_attention(
+            q, k, v, mask, k.shape[-1] ** -0.5, 2), *heads),
+        "attention_heads_major_4_blocks": grad_fn(lambda q, k, v: heads_major_attention(
+            q, k, v, mask, k.shape[-1] ** -0.5, 4), *heads),
     }
 
 

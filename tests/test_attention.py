@@ -16,8 +16,10 @@ def _segments(batch: int, length: int) -> jax.Array:
     return jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_heads_major_attention_equals_reference_in_values_and_gradients(heads, kv_heads):
+@pytest.mark.parametrize("heads,kv_heads,blocks", [(4, 4, 1), (4, 2, 1), (6, 1, 1),
+                                                   (4, 2, 3), (6, 1, 4)])
+def test_heads_major_attention_equals_reference_in_values_and_gradients(heads, kv_heads,
+                                                                        blocks):
     b, length, k_dim, v_dim = 2, 12, 8, 8  # J != K: tests/test_mla.py
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     q = jax.random.normal(keys[0], (b, length, heads, k_dim))
@@ -32,7 +34,8 @@ def test_heads_major_attention_equals_reference_in_values_and_gradients(heads, k
         return jnp.sum(jnp.sin(reference_attention(q, k, v, mask, scale)) * probe)
 
     def hm_loss(q, k, v):
-        out = to_hm(heads_major_attention(to_hm(q), to_hm(k), to_hm(v), mask, scale))
+        out = to_hm(heads_major_attention(to_hm(q), to_hm(k), to_hm(v), mask, scale,
+                                          blocks))
         return jnp.sum(jnp.sin(out) * probe)
 
     ref_v, ref_g = jax.value_and_grad(ref_loss, argnums=(0, 1, 2))(q, k, v)

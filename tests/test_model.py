@@ -27,7 +27,10 @@ def test_changing_token_t_changes_no_earlier_logit():
     base, _ = apply(v, tokens)
     t = 20
     changed, _ = apply(v, tokens.at[:, t].set((tokens[:, t] + 1) % 128))
-    np.testing.assert_array_equal(changed[:, :t], base[:, :t])
+    # Not bitwise: token t's routing moves other pairs between dropless's batched slots
+    # and its overflow loop (bulk_dropless.py), two matmul kernels that round differently
+    # (~1e-7 here). A leak would be orders of magnitude larger (see the assert below).
+    np.testing.assert_allclose(changed[:, :t], base[:, :t], rtol=0, atol=1e-6)
     assert float(jnp.abs(changed[:, t:] - base[:, t:]).max()) > 1e-4
 
 

@@ -10,13 +10,16 @@ mask [G, S], expert weights gate/up [E, D, F], down [E, F, D]) -> (out [G, S, D]
 2. Dispatch. xs[j] = x[order[j] // T]: [P, D], a gather with a gather for its VJP
    (dx[n] = sum_t dxs[inverse[n*T + t]]), so no scatter-add anywhere.
 3. Experts. Grouped matmuls over the sorted rows (grouped_matmul.py):
-   ys = gmm(swiglu(gmm(xs, gate), gmm(xs, up)), down)  [P, F] -> [P, D] with ragged_dot on
-   GPU/TPU; on CPU the same FFN fused into one pass over the row windows (grouped_ffn.py).
-   Rows of padding pairs are never computed (left zero).
+   ys = gmm(swiglu(gmm(xs, gate), gmm(xs, up)), down)  [P, F] -> [P, D]. Backends
+   (`EXPERT_BACKENDS`, `model.moe.dropless_backend`; "auto" = `expert_backend`):
+   "ragged_dot" (GPU/TPU), "bulk" (XLA:CPU default: bulk_dropless.py replaces steps 2-4
+   with capacity slots of the mean load as batched matmuls plus a loop over the overflow,
+   because XLA:CPU runs a loop body on one core) and "loop" (the FFN fused into one pass
+   over the row windows, grouped_ffn.py). Rows of padding pairs are never computed.
 4. Combine. out[n] = sum_t w[n, t] * mask[n] * ys[inverse[n*T + t]] (a permutation back,
    VJP: a gather by `order`).
 
-Memory is O(P * (D + F)): no [T, E, C] one-hots and no capacity padding. The sort runs
+Memory is O(P * (D + F)): no [T, E, C] one-hots ("bulk": E * C ~ P slots). The sort runs
 over all G groups at once (larger segments give larger matmuls); under a mesh GSPMD
 gathers the pairs for it, so expert parallelism of this path belongs to a shard_map.
 """

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MLAConfig, RopeConfig
-from moejax.model.attention import (HEADS_MAJOR, attention_mask, heads_major_attention,
+from moejax.model.attention import (HEADS_MAJOR, attention_mask, causal_blocks_for,
+                                    heads_major_attention,
                                     resolve_impl)
 from moejax.model.layers import RMSNorm, linear, normal_init
 from moejax.model.rope import apply_rope, yarn_get_mscale
@@ -149,7 +150,8 @@ class MLA(nn.Module):
                                                                      k_pe.shape[-1]))], -1)
         impl = resolve_impl(self.impl)
         if impl == "einsum":
-            return heads_major_attention(q, k, v, mask, scale)
+            return heads_major_attention(q, k, v, mask, scale,
+                                         causal_blocks_for(q.shape[2]))
         to_blhk = functools.partial(jnp.transpose, axes=(0, 2, 1, 3))
         return to_blhk(expanded_attention(to_blhk(q), to_blhk(k), to_blhk(v), mask, scale,
                                           impl))
