@@ -55,7 +55,8 @@ timeout 330 $PY bench/train_step.py --config configs/small.py --json \
   > "$OUT/train_step_small.jsonl" 2> "$OUT/train_step_small.log"
 echo "train_step: exit $?" | tee -a "$OUT/status.txt"
 
-DISPATCHES=$($PY -c "from moejax.config import DISPATCHES; print(','.join(DISPATCHES))")
+# dropless is ragged_dot on the GPU; dropless:bulk is the CPU default's layout, for comparison
+DISPATCHES=$($PY -c "from moejax.config import DISPATCHES; print(','.join(DISPATCHES))"),dropless:bulk
 timeout 180 $PY bench/moe_layer.py --json --repeats 10 --dispatch "$DISPATCHES" \
   > "$OUT/moe_layer.jsonl" 2> "$OUT/moe_layer.log"
 echo "moe_layer ($DISPATCHES): exit $?" | tee -a "$OUT/status.txt"

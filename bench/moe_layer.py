@@ -81,12 +81,14 @@ def place_on_mesh(params: Any, x: jax.Array) -> tuple[Any, jax.Array]:
 
 def moe_config(dispatch: str, **fields: Any) -> MoEConfig:
     """"ep:<transport>[:<local dispatch>]" -> the shard_map expert-parallel path, running
-    index (default) or dropless dispatch on each expert shard's pairs."""
+    index (default) or dropless dispatch on each expert shard's pairs; "dropless:<backend>"
+    -> dropless with that `dropless_backend` ("bulk", "loop", "ragged_dot")."""
     if dispatch.startswith("ep:"):
         transport, _, local = dispatch[3:].partition(":")
         return MoEConfig(dispatch=local or "index", expert_parallel="shard_map",
                          expert_transport=transport, **fields)
-    return MoEConfig(dispatch=dispatch, **fields)
+    name, _, backend = dispatch.partition(":")
+    return MoEConfig(dispatch=name, dropless_backend=backend or "auto", **fields)
 
 
 def run_case(experts: int, top_k: int, hidden: int, args: argparse.Namespace,
@@ -116,7 +118,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--group-size", type=int, default=512)
     parser.add_argument("--capacity-factor", type=float, default=1.25)
-    parser.add_argument("--dispatch", default=None, help="default index,dropless,einsum,dense; "
+    parser.add_argument("--dispatch", default=None,
+                        help="default index,dropless,dropless:loop,einsum,dense; "
                         "with --expert-parallel: index,ep:all_gather")
     parser.add_argument("--expert-parallel", type=int, default=0,
                         help="N: mesh expert=N (N fake CPU devices off accelerators)")
@@ -125,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     ep = args.expert_parallel
     args.dispatch = args.dispatch or ("index,ep:all_gather" if ep else
-                                      "index,dropless,einsum,dense")
+                                      "index,dropless,dropless:loop,einsum,dense")
     mesh = make_mesh(MeshConfig(data=-1, expert=ep)) if ep else None
     if not args.json:
         print(f"# {jax.devices()[0].platform}, T={args.tokens}, D={args.dim}, "

@@ -1,6 +1,4 @@
 """Dropless's CPU experts: capacity slots for the bulk, the token-space overflow loop."""
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,8 @@ from moejax.model.layers import clamped_swiglu
 from moejax.model.overflow_ffn import overflow_swiglu
 from moejax.model.router import select_experts
 
-N, D, E, F, K = 40, 8, 5, 6, 2  # tokens, model dim, experts, expert hidden, top-k
+N, D, E, F, K = 60, 8, 5, 6, 2  # tokens, model dim, experts, expert hidden, top-k
+# P = 120 pairs, C = 24: the overflow list (P - C = 96) is not a power-of-two window
 
 
 def _weights(key, num_experts=E):

@@ -101,6 +101,18 @@ def test_grouped_matmul_segments_and_empty_groups(backend):
     np.testing.assert_array_equal(y[20:], 0.0)
 
 
+def test_loop_windows_cover_a_block_that_is_not_a_power_of_two_times_min_rows():
+    """block 300 / min_rows 32: halving 300 gives windows 150, 75, 37 and leaves up to 36
+    rows for the last 32-row window; the ladder is 256, 128, 64, 32 instead."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(300, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32)
+    y = grouped_matmul(x, w, jnp.asarray([299, 1], jnp.int32), "loop", block=300,
+                       min_rows=32)
+    np.testing.assert_allclose(y[:299], x[:299] @ w[0], atol=1e-5)
+    np.testing.assert_allclose(y[299:], x[299:] @ w[1], atol=1e-5)
+
+
 @pytest.mark.parametrize("limit", [0.0, 0.5])
 def test_fused_grouped_swiglu_equals_three_grouped_matmuls(limit):
     """grouped_ffn (the CPU path) against gmm(swiglu(gmm, gmm), gmm) with ragged_dot:

@@ -71,9 +71,10 @@ def over_windows(start: jax.Array, size: jax.Array, block: int, min_rows: int, t
                   visit: Visit, acc: Any) -> Any:
     """acc = visit(acc, s, rows, mask) for the windows covering rows [start, start + size).
 
-    size // block full windows, then the remainder r < block as a binary decomposition:
-    one window of block/2 if r >= block/2, then block/4, ... down to min_rows (mask None:
-    all rows inside), and a last window of min_rows rows for what is left, whose start is
+    size // block full windows, then the remainder r < block as a binary decomposition in
+    windows of min_rows * 2^j rows, from the largest below block down to min_rows (mask
+    None: all rows inside; block need not be a power of two times min_rows), and a last
+    window of min_rows rows for what is left (< min_rows), whose start is
     clamped into [0, total - rows] and whose mask [rows] marks the rows inside the segment.
     Every window is a while loop of 0 or more trips, never a conditional: a conditional
     would copy the carried [M, N] output on every call instead of updating it in place.
@@ -84,7 +85,9 @@ def over_windows(start: jax.Array, size: jax.Array, block: int, min_rows: int, t
     full = size // block
     acc = windows(acc, start, full, block)
     s, rest = start + full * block, size - full * block
-    smallest, rows = min(min_rows, block), block // 2
+    smallest = rows = min(min_rows, block)
+    while rows * 2 < block:  # the ladder smallest * 2^j must cover any rest < block
+        rows *= 2
     while rows >= smallest:
         take = (rest >= rows).astype(jnp.int32)
         acc = windows(acc, s, take, rows)
