@@ -11,11 +11,11 @@ Three comparisons, candidates of a comparison interleaved per repeat, medians of
 - attention: the attention core (B 8, L 256, H 4, K 48, J 32: bench/vs_hf.py's MLA shapes)
   forward+backward: `jax.nn.dot_product_attention` ("xla", v padded to K), the reference
   einsums, and `attention.heads_major_attention` (hand-written backward) on heads-major
-  inputs.
+  inputs, whole and with the causal upper triangle skipped in 2, 4 or 8 query blocks.
 - loop: a `fori_loop` of [512, 256] x [256, 256] window matmuls over 16384 rows against one
   plain matmul of the same FLOPs. Run it under `taskset -c 0` and without: the loop gains
-  little from the second core, the plain matmul nearly 2x (why dropless on CPU is bound
-  by its loop; bench/README.md).
+  little from the second core, the plain matmul nearly 2x (why dropless on CPU runs its
+  bulk as batched matmuls, bulk_dropless.py; bench/README.md).
 """
 from __future__ import annotations
 
@@ -86,6 +86,8 @@ def attention_case(rng: np.random.Generator) -> dict[str, Callable[[], Any]]:
             q, k, v, mask, k.shape[-1] ** -0.5, 2), *heads),
         "attention_heads_major_4_blocks": grad_fn(lambda q, k, v: heads_major_attention(
             q, k, v, mask, k.shape[-1] ** -0.5, 4), *heads),
+        "attention_heads_major_8_blocks": grad_fn(lambda q, k, v: heads_major_attention(
+            q, k, v, mask, k.shape[-1] ** -0.5, 8), *heads),
     }
 
 
