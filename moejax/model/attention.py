@@ -59,12 +59,14 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
 
 
 def causal_blocks_for(length: int) -> int:
-    """Query blocks for causal self-attention: blocks of 32 rows or more, at most 8.
+    """Query blocks for causal self-attention: blocks of 64 rows or more, at most 4.
 
     Measured on XLA:CPU (fwd+bwd of the core, B 8, H 4, K 48; bench/xla_cpu.py has the
     L = 256 case): L = 256 with 1/2/4/8/16 blocks 1.00/0.83/0.76/0.67/1.01x; L = 512
-    1.00/0.68/0.62/0.62/0.74x. Fewer blocks are used when 8 does not divide L."""
-    blocks = max(1, min(8, length // 32))
+    1.00/0.68/0.62/0.62/0.74x. 8 blocks would gain a little more at L = 256 but compile
+    configs/tiny.py's step in ~24 s instead of ~16 s (1 block: ~13 s), so 4 is the cap.
+    Fewer blocks are used when 4 does not divide L."""
+    blocks = max(1, min(4, length // 64))
     while length % blocks:
         blocks -= 1
     return blocks
