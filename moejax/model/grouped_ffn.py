@@ -51,12 +51,13 @@ def _keep(new: jax.Array, old: jax.Array, mask: jax.Array | None) -> jax.Array:
     return new if mask is None else jnp.where(mask[:, None], new, old)
 
 
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int] = (1, 0)) -> jax.Array:
+def f32_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int] = (1, 0)) -> jax.Array:
+    """a . b contracting dims `contract` (one each), accumulated and returned in fp32."""
     dims = (((contract[0],), (contract[1],)), ((), ()))
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _expert_weights(gate: jax.Array, up: jax.Array, down: jax.Array, e: jax.Array
+def expert_in_out(gate: jax.Array, up: jax.Array, down: jax.Array, e: jax.Array
                     ) -> tuple[jax.Array, jax.Array]:
     """Expert e's [gate_e | up_e] [D, 2F] (one dot for both) and down_e [F, D]."""
     return jnp.concatenate([gate[e], up[e]], axis=-1), down[e]
@@ -76,14 +77,14 @@ def _ffn_fwd(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
 
     def expert(e: jax.Array, carry: tuple[jax.Array, jax.Array]
                ) -> tuple[jax.Array, jax.Array]:
-        w_in, w_out = _expert_weights(gate, up, down, e)
+        w_in, w_out = expert_in_out(gate, up, down, e)
 
         def visit(carry: tuple[jax.Array, jax.Array], s: jax.Array, rows: int,
                   mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
             y, pre = carry
-            pre_w = _dot(_rows(x, s, rows), w_in)  # [rows, 2F]
+            pre_w = f32_dot(_rows(x, s, rows), w_in)  # [rows, 2F]
             h = clamped_swiglu(pre_w[:, :f], pre_w[:, f:], limit).astype(x.dtype)
-            y_w = _dot(h, w_out).astype(y.dtype)
+            y_w = f32_dot(h, w_out).astype(y.dtype)
             y_w, pre_w = _keep(y_w, _rows(y, s, rows), mask), _keep(
                 pre_w.astype(pre.dtype), _rows(pre, s, rows), mask)
             return (lax.dynamic_update_slice_in_dim(y, y_w, s, 0),
@@ -103,7 +104,7 @@ def _ffn_bwd(limit: float, block: int, min_rows: int, res: tuple[Any, ...], dy: 
     swiglu = functools.partial(clamped_swiglu, limit=limit)
 
     def expert(e: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        w_in, w_out = _expert_weights(gate, up, down, e)
+        w_in, w_out = expert_in_out(gate, up, down, e)
 
         def visit(carry: tuple[jax.Array, jax.Array, jax.Array], s: jax.Array, rows: int,
                   mask: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -113,11 +114,11 @@ def _ffn_bwd(limit: float, block: int, min_rows: int, res: tuple[Any, ...], dy: 
                 dy_w = jnp.where(mask[:, None], dy_w, 0)
             x_w, pre_w = _rows(x, s, rows), _rows(pre, s, rows).astype(jnp.float32)
             h, swiglu_vjp = jax.vjp(swiglu, pre_w[:, :f], pre_w[:, f:])
-            acc_out = acc_out + _dot(h.astype(x.dtype), dy_w, (0, 0))  # [F, D]
-            d_gate, d_up = swiglu_vjp(_dot(dy_w, w_out, (1, 1)))  # dh = dy . down^T
+            acc_out = acc_out + f32_dot(h.astype(x.dtype), dy_w, (0, 0))  # [F, D]
+            d_gate, d_up = swiglu_vjp(f32_dot(dy_w, w_out, (1, 1)))  # dh = dy . down^T
             d_pre = jnp.concatenate([d_gate, d_up], axis=-1).astype(x.dtype)  # [rows, 2F]
-            acc_in = acc_in + _dot(x_w, d_pre, (0, 0))  # [D, 2F]
-            dx_w = _keep(_dot(d_pre, w_in, (1, 1)).astype(dx.dtype), _rows(dx, s, rows), mask)
+            acc_in = acc_in + f32_dot(x_w, d_pre, (0, 0))  # [D, 2F]
+            dx_w = _keep(f32_dot(d_pre, w_in, (1, 1)).astype(dx.dtype), _rows(dx, s, rows), mask)
             return lax.dynamic_update_slice_in_dim(dx, dx_w, s, 0), acc_in, acc_out
 
         dx, grads = carry[0], carry[1:]

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moejax.model.grouped_ffn import expert_in_out, f32_dot
 from moejax.model.grouped_matmul import over_windows, segment_bounds
 from moejax.model.layers import clamped_swiglu
 
@@ -43,11 +44,6 @@ def overflow_swiglu(x: jax.Array, pairs: jax.Array, sizes: jax.Array,
     return _ffn(x, pairs.astype(jnp.int32), sizes.astype(jnp.int32), pair_weights,
                 gate.astype(x.dtype), up.astype(x.dtype), down.astype(x.dtype), top_k,
                 float(limit), block, max(1, min(min_rows, block)))
-
-
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int] = (1, 0)) -> jax.Array:
-    dims = (((contract[0],), (contract[1],)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 class _Window:
@@ -77,12 +73,6 @@ def _active_experts(sizes: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.argsort(sizes == 0, stable=True).astype(jnp.int32), jnp.sum(sizes > 0)
 
 
-def _expert_weights(gate: jax.Array, up: jax.Array, down: jax.Array, e: jax.Array
-                    ) -> tuple[jax.Array, jax.Array]:
-    """Expert e's [gate_e | up_e] [D, 2F] (one dot for both) and down_e [F, D]."""
-    return jnp.concatenate([gate[e], up[e]], axis=-1), down[e]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _ffn(x: jax.Array, pairs: jax.Array, sizes: jax.Array, pair_weights: jax.Array,
          gate: jax.Array, up: jax.Array, down: jax.Array, top_k: int, limit: float,
@@ -93,13 +83,13 @@ def _ffn(x: jax.Array, pairs: jax.Array, sizes: jax.Array, pair_weights: jax.Arr
 
     def expert(i: jax.Array, out: jax.Array) -> jax.Array:
         e = experts[i]
-        w_in, w_out = _expert_weights(gate, up, down, e)
+        w_in, w_out = expert_in_out(gate, up, down, e)
 
         def visit(out: jax.Array, s: jax.Array, rows: int, mask: jax.Array | None
                   ) -> jax.Array:
             win = _Window(pairs, s, rows, mask, pair_weights, top_k, n)
-            pre = _dot(win.gather(x), w_in)  # [rows, 2F]
-            y = _dot(clamped_swiglu(pre[:, :f], pre[:, f:], limit).astype(x.dtype), w_out)
+            pre = f32_dot(win.gather(x), w_in)  # [rows, 2F]
+            y = f32_dot(clamped_swiglu(pre[:, :f], pre[:, f:], limit).astype(x.dtype), w_out)
             return win.scatter_add(out, y * win.w[:, None].astype(jnp.float32))
         return over_windows(starts[e], counts[e], block, min_rows, pairs.shape[0], visit,
                             out)
@@ -124,24 +114,24 @@ def _ffn_bwd(top_k: int, limit: float, block: int, min_rows: int, res: tuple[Any
 
     def expert(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         e = experts[i]
-        w_in, w_out = _expert_weights(gate, up, down, e)
+        w_in, w_out = expert_in_out(gate, up, down, e)
 
         def visit(acc: tuple[jax.Array, ...], s: jax.Array, rows: int,
                   mask: jax.Array | None) -> tuple[jax.Array, ...]:
             dx, d_pw, acc_in, acc_out = acc
             win = _Window(pairs, s, rows, mask, pair_weights, top_k, n)
             x_w, dout_w = win.gather(x), win.gather(dout).astype(jnp.float32)
-            pre = _dot(x_w, w_in)
+            pre = f32_dot(x_w, w_in)
             h, swiglu_vjp = jax.vjp(swiglu, pre[:, :f], pre[:, f:])
-            y = _dot(h.astype(x.dtype), w_out)
+            y = f32_dot(h.astype(x.dtype), w_out)
             d_pw = d_pw.at[win.pid].set(jnp.sum(dout_w * y, -1).astype(d_pw.dtype),
                                         mode="drop")
             dy = (dout_w * win.w[:, None].astype(jnp.float32)).astype(x.dtype)
-            acc_out = acc_out + _dot(h.astype(x.dtype), dy, (0, 0))  # [F, D]
-            d_gate, d_up = swiglu_vjp(_dot(dy, w_out, (1, 1)))  # dh = dy . down^T
+            acc_out = acc_out + f32_dot(h.astype(x.dtype), dy, (0, 0))  # [F, D]
+            d_gate, d_up = swiglu_vjp(f32_dot(dy, w_out, (1, 1)))  # dh = dy . down^T
             d_pre = jnp.concatenate([d_gate, d_up], axis=-1).astype(x.dtype)  # [rows, 2F]
-            acc_in = acc_in + _dot(x_w, d_pre, (0, 0))  # [D, 2F]
-            return win.scatter_add(dx, _dot(d_pre, w_in, (1, 1))), d_pw, acc_in, acc_out
+            acc_in = acc_in + f32_dot(x_w, d_pre, (0, 0))  # [D, 2F]
+            return win.scatter_add(dx, f32_dot(d_pre, w_in, (1, 1))), d_pw, acc_in, acc_out
 
         acc = (*carry[:2], jnp.zeros((d, 2 * f), jnp.float32), jnp.zeros((f, d), jnp.float32))
         dx, d_pw, acc_in, acc_out = over_windows(starts[e], counts[e], block, min_rows,
