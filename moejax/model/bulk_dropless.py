@@ -61,13 +61,13 @@ def plan_slots(order: jax.Array, sizes: jax.Array, capacity: int) -> SlotPlan:
         pair_of_slot].set(slots, mode="drop", unique_indices=True)
 
     over = jnp.maximum(sizes - capacity, 0)
-    # One expert can overflow by at most P - C, and then no other expert overflows.
+    over_ends = jnp.cumsum(over)
+    # At most P - C overflow: the overflowing experts hold it plus C buffered pairs each.
     slots_over = max(num_pairs - capacity, 1)
     index = jnp.arange(slots_over, dtype=jnp.int32)
-    expert = jnp.searchsorted(jnp.cumsum(over), index, side="right").astype(jnp.int32)
+    expert = jnp.searchsorted(over_ends, index, side="right").astype(jnp.int32)
     e = jnp.minimum(expert, num_experts - 1)
-    place = jnp.clip(starts[e] + capacity + index - (jnp.cumsum(over) - over)[e], 0,
-                     num_pairs - 1)
+    place = jnp.clip(starts[e] + capacity + index - (over_ends - over)[e], 0, num_pairs - 1)
     overflow_pairs = jnp.where(expert < num_experts, order[place], num_pairs)
     return SlotPlan(slot_of_pair, pair_of_slot, overflow_pairs, over)
 

@@ -30,13 +30,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.model.bulk_dropless import bulk_dropless_experts
+from moejax.model.bulk_dropless import ExpertWeights, bulk_dropless_experts
 from moejax.model.grouped_ffn import grouped_swiglu
 from moejax.model.grouped_matmul import default_backend, grouped_matmul, platform_of
 from moejax.model.layers import clamped_swiglu
 from moejax.model.row_gather import permute_rows, take_tokens
 
-ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up [E,D,F]; down [E,F,D]
 EXPERT_BACKENDS = ("ragged_dot", "loop", "bulk")
 
 
