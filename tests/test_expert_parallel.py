@@ -202,6 +202,16 @@ def test_without_a_mesh_the_layer_falls_back_to_its_dispatch():
         assert ep.select_dispatch("index", "shard_map").func is ep.expert_parallel_dispatch
 
 
+def test_dropless_backend_reaches_the_dispatch():
+    plain = ep.select_dispatch("dropless", dropless_backend="loop")
+    assert plain.func is DISPATCH["dropless"] and plain.keywords["backend"] == "loop"
+    assert ep.select_dispatch("dropless").keywords["backend"] is None  # "auto": by platform
+    with use_mesh(make_mesh(MeshConfig(data=8))):
+        sharded = ep.select_dispatch("dropless", dropless_backend="bulk")
+        assert sharded.func is ep.expert_parallel_dispatch
+        assert sharded.keywords["dropless_backend"] == "bulk"
+
+
 @pytest.mark.parametrize("overrides,field", [
     (["model.moe.expert_parallel='manual'"], "model.moe.expert_parallel"),
     (["model.moe.expert_transport='nccl'"], "model.moe.expert_transport"),

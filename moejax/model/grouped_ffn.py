@@ -13,8 +13,7 @@ x @ [gate | up] ([M, 2F], the only residual besides the inputs), and accumulates
 expert's weight gradients in the loop carry.
 
 Windows are those of grouped_matmul's "loop" backend (`over_windows`): full windows of
-`block` rows, the remainder as a binary decomposition down to `min_rows`, and one masked
-last window.
+`block` rows, the remainder in windows of min_rows * 2^j rows, and one masked last window.
 """
 from __future__ import annotations
 
@@ -58,7 +57,7 @@ def f32_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int] = (1, 0)) -> j
 
 
 def expert_in_out(gate: jax.Array, up: jax.Array, down: jax.Array, e: jax.Array
-                    ) -> tuple[jax.Array, jax.Array]:
+                  ) -> tuple[jax.Array, jax.Array]:
     """Expert e's [gate_e | up_e] [D, 2F] (one dot for both) and down_e [F, D]."""
     return jnp.concatenate([gate[e], up[e]], axis=-1), down[e]
 

@@ -11,10 +11,11 @@ Backends (`backend=None` picks by platform, see `default_backend`):
 - "ragged_dot": `jax.lax.ragged_dot` and its own autodiff. The native path on GPU/TPU.
   XLA:CPU lowers it densely (reported ~50x a dense FFN's forward), so on CPU it is used
   only to test it.
-- "loop": for XLA:CPU (dropless itself runs the fused whole-FFN version of this loop,
-  grouped_ffn.py; this one is the per-matmul building block). A loop over groups; each segment is cut into windows of `block`
-  rows, then windows of block/2, block/4, ..., min_rows rows for the remainder (its
-  binary decomposition) and one last masked window of min_rows rows. A window is a
+- "loop": for XLA:CPU, the per-matmul building block (dropless's "loop" backend runs
+  the fused whole-FFN version, grouped_ffn.py; its CPU default "bulk" runs the overflow
+  with it, overflow_ffn.py). A loop over groups; each segment is cut into windows of
+  `block` rows, then windows of min_rows * 2^j rows (largest below `block` first) for
+  the remainder and one last masked window of min_rows rows (`over_windows`). A window is a
   dynamic slice of x times the group's [K, N] weights (one plain matmul), written back
   with the rows outside the segment masked. The VJP is written by hand
   (`jax.custom_vjp`): dx is the same loop with w transposed, and dw[e] = sum over e's

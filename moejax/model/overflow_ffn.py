@@ -1,6 +1,7 @@
 """Expert SwiGLU for a short list of routed pairs, gathered and scattered in token space.
 
-    out[n] = sum over listed pairs p of token n:  w[p] * swiglu(x[n] @ gate[e], x[n] @ up[e]) @ down[e]
+    out[n] = sum over the listed pairs p of token n (p in expert e's list):
+             w[p] * swiglu(x[n] @ gate[e], x[n] @ up[e]) @ down[e]
 
 x [N, D] tokens, pairs [V] pair ids (p = n * T + t) sorted by expert, sizes [E] (expert e
 owns pairs[start_e : start_e + sizes[e]], start = cumsum(sizes) - sizes; entries past
@@ -29,6 +30,7 @@ from jax import lax
 from moejax.model.grouped_ffn import expert_in_out, f32_dot
 from moejax.model.grouped_matmul import over_windows, segment_bounds
 from moejax.model.layers import clamped_swiglu
+from moejax.model.row_gather import take_rows
 
 
 def overflow_swiglu(x: jax.Array, pairs: jax.Array, sizes: jax.Array,
@@ -58,10 +60,10 @@ class _Window:
             pid = jnp.where(mask, pid, num_pairs)
         self.pid = pid
         self.tok = jnp.where(pid < num_pairs, pid // top_k, num_tokens)
-        self.w = jnp.take(pair_weights, pid, mode="fill", fill_value=0)
+        self.w = take_rows(pair_weights, pid)
 
     def gather(self, a: jax.Array) -> jax.Array:
-        return jnp.take(a, self.tok, axis=0, mode="fill", fill_value=0)
+        return take_rows(a, self.tok)
 
     def scatter_add(self, acc: jax.Array, rows: jax.Array) -> jax.Array:
         return acc.at[self.tok].add(rows.astype(acc.dtype), mode="drop")
