@@ -80,7 +80,8 @@ def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     query heads of a key/value head are folded into its length ([B, Hkv, G*L, K], a free
     reshape), so GQA never broadcasts k or v. The backward pass is written by hand
     (`_attend`): the softmax gradient uses rowsum(dO * O) over J instead of JAX's
-    rowsum(dP * P) over the [.., L, S] scores, whose reduction XLA:CPU runs slowly.
+    rowsum(dP * P) over the [.., L, S] scores, whose reduction XLA:CPU runs slowly, and
+    the softmax's division by the row sums is applied to the [.., L, J] output instead.
 
     causal_blocks = n > 1 needs a causal mask and S == L: the queries are cut into n
     blocks and block i reads only the keys before its end, (i + 1) * L / n, so the blocks
@@ -115,26 +116,34 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: fl
 
 def _attend_fwd(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
                 groups: int) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Softmax with the normalisation deferred to the output: out = (E @ V) / l, E = exp(S -
+    rowmax S), l = rowsum E, so the [.., L, S] divide of P = E / l is never done (the
+    attention core fwd+bwd ~8 % faster on XLA:CPU, bench/README.md). Residual E, not P."""
     f32 = jnp.float32
     b, kv_heads, rows, _ = q.shape
     logits = jnp.einsum("BHLK,BHSK->BHLS", q.astype(f32), k.astype(f32)) * scale
     logits = logits.reshape(b, kv_heads, groups, rows // groups, -1)
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(f32).min)
-    probs = jax.nn.softmax(logits, axis=-1).reshape(b, kv_heads, rows, -1)
-    out = jnp.einsum("BHLS,BHSJ->BHLJ", probs, v.astype(f32))
-    return out.astype(q.dtype), (q, k, v, probs, out)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    e = e.reshape(b, kv_heads, rows, -1)
+    inv_sum = 1.0 / jnp.sum(e, axis=-1, keepdims=True)  # [B, Hkv, G*L, 1]
+    out = jnp.einsum("BHLS,BHSJ->BHLJ", e, v.astype(f32)) * inv_sum
+    return out.astype(q.dtype), (q, k, v, e, inv_sum, out)
 
 
 def _attend_bwd(scale: float, groups: int, res: tuple[jax.Array, ...], d_out: jax.Array
                 ) -> tuple[jax.Array, jax.Array, jax.Array, None]:
+    """With P = E / l: dV = P^T dO = E^T (dO / l); dS = P * (dO V^T - rowsum(dO * O))
+    = E * ((dO / l) V^T - rowsum(dO * O) / l)."""
     del groups
-    q, k, v, probs, out = res
+    q, k, v, e, inv_sum, out = res
     f32 = jnp.float32
     d_out = d_out.astype(f32)
-    dv = jnp.einsum("BHLS,BHLJ->BHSJ", probs, d_out)
-    dp = jnp.einsum("BHLJ,BHSJ->BHLS", d_out, v.astype(f32))
-    row = jnp.sum(d_out * out, axis=-1, keepdims=True)  # = rowsum(dP * P)
-    d_logits = probs * (dp - row) * scale
+    row = jnp.sum(d_out * out, axis=-1, keepdims=True) * inv_sum  # rowsum(dP * P) / l
+    d_scaled = d_out * inv_sum
+    dv = jnp.einsum("BHLS,BHLJ->BHSJ", e, d_scaled)
+    dp = jnp.einsum("BHLJ,BHSJ->BHLS", d_scaled, v.astype(f32))
+    d_logits = e * (dp - row) * scale
     dq = jnp.einsum("BHLS,BHSK->BHLK", d_logits, k.astype(f32))
     dk = jnp.einsum("BHLS,BHLK->BHSK", d_logits, q.astype(f32))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
