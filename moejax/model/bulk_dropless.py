@@ -13,22 +13,25 @@ numbers). Dropless can still use batched matmuls for most of its pairs:
 2. Bulk. xb [E, C, D] = tokens gathered into the slots (empty slots read zeros), one
    batched SwiGLU over it, and a gather back to the pairs (overflow pairs read zeros).
    The gathers are row_gather.py's, whose VJPs are gathers too.
-3. Overflow. The overflow lists through overflow_ffn.overflow_swiglu, a loop in token
-   space whose work is proportional to the overflow pairs only.
+3. Overflow. The overflow lists through overflow_ffn.py's loop in token space, whose
+   work is proportional to the overflow pairs only. It adds into the bulk's output, and
+   its VJP into the bulk's gradients (one custom VJP around both).
 
 out[n] = sum_t w[n, t] * (bulk row of pair (n, t), or its overflow row). Equal to the
 dense oracle in values and gradients for any routing, however unbalanced (tests).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from moejax.model.layers import clamped_swiglu
-from moejax.model.overflow_ffn import overflow_swiglu
+from moejax.model.overflow_ffn import (Loop, loop_settings, overflow_backward,
+                                       overflow_forward)
 from moejax.model.row_gather import permute_rows, take_tokens
 
 ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up [E,D,F]; down [E,F,D]
@@ -88,15 +91,53 @@ def bulk_dropless_experts(x: jax.Array, order: jax.Array, sizes: jax.Array,
 
     `capacity` is C, the slots per expert of the batched part (None: default_capacity).
     """
-    gate, up, down = expert_weights
-    (n, d), num_experts = x.shape, gate.shape[0]
+    num_experts = expert_weights[0].shape[0]
     capacity = capacity or default_capacity(order.shape[0], num_experts)
     plan = plan_slots(order, sizes, capacity)
-    xb = take_tokens(x, plan.pair_of_slot, plan.slot_of_pair, top_k)  # [E*C, D]
-    yb = batched_swiglu(xb.reshape(num_experts, capacity, d), gate, up, down, limit)
+    weights = tuple(w.astype(x.dtype) for w in expert_weights)
+    loop = loop_settings(plan.overflow_pairs.shape[0], top_k, limit)
+    return _bulk_then_overflow(x, plan, pair_weights, weights, loop)
+
+
+def _bulk(x: jax.Array, plan: SlotPlan, pair_weights: jax.Array,
+          weights: tuple[jax.Array, ...], loop: Loop) -> jax.Array:
+    """The pairs in capacity slots: gather, batched SwiGLU, gather back, weighted sum."""
+    (n, d), num_experts = x.shape, weights[0].shape[0]
+    xb = take_tokens(x, plan.pair_of_slot, plan.slot_of_pair, loop.top_k)  # [E*C, D]
+    yb = batched_swiglu(xb.reshape(num_experts, -1, d), *weights, loop.limit)
     picked = permute_rows(yb.reshape(-1, d), plan.slot_of_pair, plan.pair_of_slot)
-    bulk = jnp.einsum("NTD,NT->ND", picked.reshape(n, top_k, d),
-                      pair_weights.reshape(n, top_k).astype(x.dtype))
-    overflow = overflow_swiglu(x, plan.overflow_pairs, plan.overflow_sizes, pair_weights,
-                               top_k, gate, up, down, limit)
-    return bulk + overflow
+    return jnp.einsum("NTD,NT->ND", picked.reshape(n, loop.top_k, d),
+                      pair_weights.reshape(n, loop.top_k).astype(x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _bulk_then_overflow(x: jax.Array, plan: SlotPlan, pair_weights: jax.Array,
+                        weights: tuple[jax.Array, ...], loop: Loop) -> jax.Array:
+    """The bulk, then the overflow loop adding into its output (and, in the VJP, into its
+    gradients: overflow_ffn.py's doc says why)."""
+    bulk = _bulk(x, plan, pair_weights, weights, loop)
+    return overflow_forward(x, plan.overflow_pairs, plan.overflow_sizes, pair_weights,
+                            weights, bulk, loop)
+
+
+def _bulk_then_overflow_fwd(x: jax.Array, plan: SlotPlan, pair_weights: jax.Array,
+                            weights: tuple[jax.Array, ...], loop: Loop
+                            ) -> tuple[jax.Array, tuple[Any, ...]]:
+    bulk, bulk_vjp = jax.vjp(lambda x, w, ws: _bulk(x, plan, w, ws, loop), x, pair_weights,
+                             weights)
+    out = overflow_forward(x, plan.overflow_pairs, plan.overflow_sizes, pair_weights,
+                           weights, bulk, loop)
+    return out, (bulk_vjp, x, plan, pair_weights, weights)
+
+
+def _bulk_then_overflow_bwd(loop: Loop, res: tuple[Any, ...], dout: jax.Array
+                            ) -> tuple[Any, ...]:
+    bulk_vjp, x, plan, pair_weights, weights = res
+    dx, d_pw, d_weights = bulk_vjp(dout)
+    dx, d_pw, *d_weights = overflow_backward(
+        x, plan.overflow_pairs, plan.overflow_sizes, pair_weights, weights, dout,
+        (dx, d_pw, *d_weights), loop)
+    return dx, None, d_pw, tuple(d_weights)
+
+
+_bulk_then_overflow.defvjp(_bulk_then_overflow_fwd, _bulk_then_overflow_bwd)
