@@ -44,8 +44,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from moejax.config import EXPERT_TRANSPORTS
 from moejax.model.dropless import dropless_dispatch
-from moejax.model.experts import (DISPATCH, DispatchFn, ExpertWeights, capacity, choice_major,
-                                  slot_positions_sorted)
+from moejax.model.experts import (DISPATCH, DispatchFn, ExpertWeights, assign_slots, capacity,
+                                  choice_major, combine_from_slots, gather_to_slots)
 from moejax.model.layers import clamped_swiglu
 from moejax.model.ragged_exchange import ragged_shard
 from moejax.sharding import active_mesh, logical_to_spec
@@ -88,21 +88,10 @@ def local_index_experts(x: jax.Array, indices: jax.Array, weights: jax.Array,
     real = jnp.broadcast_to(mask[:, None, :], (g, top_k, s)).reshape(g, -1) > 0
     local = choice_major(indices) - first  # [G, T*S]
     mine = real & (local >= 0) & (local < e_local)
-    ids = jnp.where(mine, local, e_local)
-    pos = slot_positions_sorted(ids, e_local)
-    keep = mine & (pos < c)
-    trash = e_local * c
-    slot = jnp.where(keep, ids * c + pos, trash)
-    token = jnp.tile(jnp.arange(s, dtype=jnp.int32), top_k)
-    slot_token = jnp.full((g, trash + 1), s, jnp.int32)
-    slot_token = slot_token.at[jnp.arange(g)[:, None], slot].set(token[None, :])
-    x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
-    buffers = jnp.take_along_axis(x_pad, slot_token[:, :trash, None], axis=1)
+    slot, keep = assign_slots(jnp.where(mine, local, e_local), mine, e_local, c)
+    buffers = gather_to_slots(x, slot, e_local * c, top_k)
     y = local_swiglu(buffers.reshape(g, e_local, c, d), expert_weights, swiglu_limit)
-    y_pad = jnp.concatenate([y.reshape(g, trash, d), jnp.zeros((g, 1, d), y.dtype)], 1)
-    picked = jnp.take_along_axis(y_pad, slot[:, :, None], axis=1).reshape(g, top_k, s, d)
-    w = jnp.swapaxes(weights, 1, 2).astype(y.dtype)[..., None]  # [G, T, S, 1]
-    return (picked * w).sum(axis=1), (mine & ~keep).sum()
+    return combine_from_slots(y.reshape(g, e_local * c, d), slot, weights), (mine & ~keep).sum()
 
 
 def local_dropless_experts(x: jax.Array, indices: jax.Array, weights: jax.Array,

@@ -90,25 +90,45 @@ def index_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: j
     with jax.named_scope("dispatch"):
         real = jnp.broadcast_to(mask[:, None, :], (g, top_k, s)).reshape(g, -1) > 0
         ids = jnp.where(real, choice_major(indices), num_experts)
-        pos = slot_positions_sorted(ids, num_experts)
-        keep = real & (pos < c)
-        trash = num_experts * c
-        slot = jnp.where(keep, ids * c + pos, trash)  # [G, T*S]
-        token = jnp.tile(jnp.arange(s, dtype=jnp.int32), top_k)
-        slot_token = jnp.full((g, trash + 1), s, jnp.int32)
-        slot_token = slot_token.at[jnp.arange(g)[:, None], slot].set(token[None, :])
-        x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
-        buffers = jnp.take_along_axis(x_pad, slot_token[:, :trash, None], axis=1)
+        slot, keep = assign_slots(ids, real, num_experts, c)
+        buffers = gather_to_slots(x, slot, num_experts * c, top_k)
         buffers = _to_experts(buffers.reshape(g, num_experts, c, d))
     y = _to_groups(run_experts(buffers, expert_weights, swiglu_limit))
     with jax.named_scope("combine"):
-        y_pad = jnp.concatenate([y.reshape(g, trash, d), jnp.zeros((g, 1, d), y.dtype)], 1)
-        picked = jnp.take_along_axis(y_pad, slot[:, :, None], axis=1)  # [G, T*S, D]
-        picked = picked.reshape(g, top_k, s, d)
-        w = jnp.swapaxes(weights, 1, 2).astype(y.dtype)[..., None]  # [G, T, S, 1]
-        out = (picked * w).sum(axis=1)
-    dropped = (real & ~keep).sum()
-    return out, dropped
+        out = combine_from_slots(y.reshape(g, num_experts * c, d), slot, weights)
+    return out, (real & ~keep).sum()
+
+
+def assign_slots(ids: jax.Array, eligible: jax.Array, num_experts: int, c: int
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Slots of the pairs [G, T*S] (choice-major expert ids, num_experts for none).
+
+    Returns (slot = expert * C + place in its queue, or the trash slot E * C for a pair
+    dropped or not eligible; keep: the eligible pairs that got a place).
+    """
+    pos = slot_positions_sorted(ids, num_experts)
+    keep = eligible & (pos < c)
+    return jnp.where(keep, ids * c + pos, num_experts * c), keep
+
+
+def gather_to_slots(x: jax.Array, slot: jax.Array, num_slots: int, top_k: int) -> jax.Array:
+    """x [G, S, D], slot [G, T*S] -> buffers [G, num_slots, D] (empty slots read zeros)."""
+    g, s, d = x.shape
+    token = jnp.tile(jnp.arange(s, dtype=jnp.int32), top_k)
+    slot_token = jnp.full((g, num_slots + 1), s, jnp.int32)  # + the trash slot
+    slot_token = slot_token.at[jnp.arange(g)[:, None], slot].set(token[None, :])
+    x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
+    return jnp.take_along_axis(x_pad, slot_token[:, :num_slots, None], axis=1)
+
+
+def combine_from_slots(y: jax.Array, slot: jax.Array, weights: jax.Array) -> jax.Array:
+    """y [G, num_slots, D], slot [G, T*S], weights [G, S, T] -> sum_t w * y[slot]: [G, S, D]."""
+    g, _, d = y.shape
+    top_k, s = weights.shape[-1], weights.shape[1]
+    y_pad = jnp.concatenate([y, jnp.zeros((g, 1, d), y.dtype)], 1)  # the trash slot reads 0
+    picked = jnp.take_along_axis(y_pad, slot[:, :, None], axis=1).reshape(g, top_k, s, d)
+    w = jnp.swapaxes(weights, 1, 2).astype(y.dtype)[..., None]  # [G, T, S, 1]
+    return (picked * w).sum(axis=1)
 
 
 def einsum_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
