@@ -25,6 +25,9 @@ buffers; the fastest moejax dispatch here, see bench/README.md) against HF's gro
 config file: `python bench/train_step.py --config bench/vs_hf.py` times the same model.
 Layers are unrolled (`model.scan_layers=False`: 0.91x the scanned step time here, no
 stacked residual buffers to zero-fill, write and read back; HF runs unrolled too).
+The two reported losses differ and are not a comparison: moejax's learning rate warms up
+over `optimizer.warmup_steps` (2000 here), HF's AdamW runs at the peak rate from step 0,
+and both train on one repeated batch. The work per step is the same.
 """
 from __future__ import annotations
 
