@@ -21,7 +21,8 @@ experts whose list is not empty.
 `overflow_forward` and `overflow_backward` add into given outputs and gradients, so that
 bulk_dropless.py can start them from the bulk's: the weight gradients then get no
 [E, D, F] zero fill and no [E, D, F] sum of two gradients (at E = 256 these were ~7 % of
-the layer's fwd+bwd). `overflow_swiglu` is the stand-alone op (zeros to start from).
+a profile's thread-summed time for the layer's fwd+bwd; bench/README.md). `overflow_swiglu`
+is the stand-alone op (zeros to start from).
 """
 from __future__ import annotations
 
