@@ -11,7 +11,7 @@ Expert parallelism: `--expert-parallel N` runs everything on a mesh with expert=
 CPU devices when there is no accelerator; the flag must be spelled with a space, it is read
 before JAX starts). Parameters and tokens are sharded by the logical rules; the default
 candidates are then "index" (GSPMD inserts the all-to-all) and "ep:all_gather" (the
-shard_map transport of moejax/model/expert_parallel.py; "ep:all_gather:dropless" runs
+shard_map transport of moejax/model/moe/parallel/shard_map.py; "ep:all_gather:dropless" runs
 dropless dispatch per shard; "ep:ragged" is the emulated ragged_all_to_all off gpu/tpu).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from moejax.config import MeshConfig, MoEConfig  # noqa: E402
 from moejax.model.layers import MLP  # noqa: E402
-from moejax.model.moe import MoE  # noqa: E402
+from moejax.model.moe.layer import MoE  # noqa: E402
 from moejax.sharding import (active_mesh, logical_to_spec, make_mesh,  # noqa: E402
                              param_shardings, use_mesh)
 

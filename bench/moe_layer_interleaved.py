@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from moejax.config import MoEConfig
 from moejax.model.layers import MLP
-from moejax.model.moe import MoE
+from moejax.model.moe.layer import MoE
 
 
 def compiled(module: Any, x: jax.Array, extra: tuple, passes: list[str]

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from moejax.model.attention import attention_mask, heads_major_attention
+from moejax.model.attention.core import attention_mask, heads_major_attention
 from moejax.model.layers import linear
-from moejax.model.mla import expanded_attention, reference_attention
+from moejax.model.attention.mla import expanded_attention, reference_attention
 
 
 def interleaved(cands: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:

@@ -15,10 +15,10 @@ Notebook API::
 from moejax.config import (Config, MeshConfig, ModelConfig, MoEConfig, load_config,
                            model_config, resolve)
 from moejax.model.build import build_model
-from moejax.model.router import update_balance_bias
+from moejax.model.moe.router import update_balance_bias
 from moejax.model.transformer import Transformer
-from moejax.model.v4 import TransformerV4
-from moejax.model.v4_config import V4Config
+from moejax.model.v4.model import TransformerV4
+from moejax.config.v4 import V4Config
 from moejax.sharding import init_variables, make_mesh, use_mesh
 
 __all__ = ["Config", "MeshConfig", "ModelConfig", "MoEConfig", "Transformer",

@@ -80,8 +80,8 @@ def _count(variables: Any, num_experts: int, top_k: int
 
 
 def plan_v4(section: Any, seq_len: int) -> dict[str, float]:
-    from moejax.model.v4 import TransformerV4  # noqa: PLC0415
-    from moejax.model.v4_config import v4_config  # noqa: PLC0415
+    from moejax.model.v4.model import TransformerV4  # noqa: PLC0415
+    from moejax.config.v4 import v4_config  # noqa: PLC0415
     cfg = v4_config(section)
     e, a = cfg.moe, cfg.attention
     variables = _abstract(TransformerV4(cfg))

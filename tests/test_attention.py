@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from moejax.config import RopeConfig
-from moejax.model.attention import (Attention, attention_mask, heads_major_attention,
-                                    reference_attention, resolve_impl)
+from moejax.model.attention.core import (attention_mask, heads_major_attention,
+                                         reference_attention, resolve_impl)
+from moejax.model.attention.gqa import Attention
 
 
 def _segments(batch: int, length: int) -> jax.Array:

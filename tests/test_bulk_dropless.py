@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.model.bulk_dropless import bulk_dropless_experts, default_capacity, plan_slots
-from moejax.model.dropless import sort_pairs
-from moejax.model.experts import dense_dispatch
+from moejax.model.moe.cpu.bulk_dropless import bulk_dropless_experts, default_capacity, plan_slots
+from moejax.model.moe.dropless import sort_pairs
+from moejax.model.moe.capacity import dense_dispatch
 from moejax.model.layers import clamped_swiglu
-from moejax.model.overflow_ffn import overflow_swiglu
-from moejax.model.router import select_experts
+from moejax.model.moe.cpu.overflow_ffn import overflow_swiglu
+from moejax.model.moe.router import select_experts
 
 N, D, E, F, K = 60, 8, 5, 6, 2  # tokens, model dim, experts, expert hidden, top-k
 # P = 120 pairs, C = 24: the overflow list (P - C = 96) is not a power-of-two window

@@ -10,13 +10,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import moejax
 from moejax.config import MoEConfig
-from moejax.model.dropless import dropless_dispatch, expert_backend, sort_pairs
-from moejax.model.experts import DISPATCH
-from moejax.model.grouped_ffn import grouped_swiglu
-from moejax.model.grouped_matmul import default_backend, grouped_matmul
+from moejax.model.moe.dropless import dropless_dispatch, expert_backend, sort_pairs
+from moejax.model.moe.capacity import DISPATCH
+from moejax.model.moe.cpu.grouped_ffn import grouped_swiglu
+from moejax.model.moe.grouped_matmul import default_backend, grouped_matmul
 from moejax.model.layers import clamped_swiglu
-from moejax.model.moe import MoE
-from moejax.model.router import select_experts
+from moejax.model.moe.layer import MoE
+from moejax.model.moe.router import select_experts
 from moejax.sharding import param_shardings
 
 G, S, D, E, F, T = 2, 16, 8, 4, 6, 2
@@ -187,8 +187,8 @@ def test_moe_module_dropless_equals_dense_sharded_and_not():
 
 
 def test_v4_moe_dropless_equals_dense_with_the_clamp():
-    from moejax.model.v4_config import V4MoEConfig
-    from moejax.model.v4_moe import V4MoE
+    from moejax.config.v4 import V4MoEConfig
+    from moejax.model.v4.moe import V4MoE
     cfg = V4MoEConfig(num_experts=8, top_k=2, expert_hidden=8, swiglu_limit=0.5,
                       dispatch="dense")
     x = jax.random.normal(jax.random.key(5), (2, 8, D))

@@ -13,13 +13,13 @@ import pytest
 from conftest import small_config
 from jax.sharding import PartitionSpec
 
-import moejax.model.expert_parallel as ep
+import moejax.model.moe.parallel.shard_map as ep
 from moejax.config import MeshConfig, MoEConfig, resolve
-from moejax.model.experts import DISPATCH
-from moejax.model.moe import MoE
-from moejax.model.ragged_exchange import (ExchangePlan, emulated_ragged_all_to_all,
+from moejax.model.moe.capacity import DISPATCH
+from moejax.model.moe.layer import MoE
+from moejax.model.moe.parallel.ragged_exchange import (ExchangePlan, emulated_ragged_all_to_all,
                                           exchange_plans)
-from moejax.model.router import select_experts
+from moejax.model.moe.router import select_experts
 from moejax.sharding import make_mesh, use_mesh
 
 G, S, D, E, F, T = 8, 8, 8, 8, 4, 2
@@ -237,8 +237,8 @@ def test_expert_count_not_divisible_by_the_expert_axis_is_a_clear_error():
 
 
 def test_v4_moe_shard_map_matches_the_dense_oracle():
-    from moejax.model.v4_config import V4MoEConfig
-    from moejax.model.v4_moe import V4MoE
+    from moejax.config.v4 import V4MoEConfig
+    from moejax.model.v4.moe import V4MoE
     x = jax.random.normal(jax.random.key(4), (4, 8, D))
     tokens = jax.random.randint(jax.random.key(5), (4, 8), 0, 32)
     mask = jnp.ones((4, 8), bool).at[2, -3:].set(False)
@@ -259,7 +259,7 @@ def test_v4_moe_shard_map_matches_the_dense_oracle():
 
 
 def test_v4_config_validation_names_the_field():
-    from moejax.model.v4_config import V4MoEConfig, validate_moe
+    from moejax.config.v4 import V4MoEConfig, validate_moe
     with pytest.raises(ValueError, match=r"model\.moe\.dispatch"):
         validate_moe(V4MoEConfig(expert_parallel="shard_map", dispatch="dense"), 4, "model.moe")
     with pytest.raises(ValueError, match=r"model\.moe\.expert_transport"):

@@ -9,7 +9,7 @@ import pytest
 from test_v4 import _randomise_variables
 
 from moejax.interop import hf_v4
-from moejax.model.v4_config import V4Config, V4MTPConfig
+from moejax.config.v4 import V4Config, V4MTPConfig
 
 
 def _without_hash_bias_rows(variables, cfg):
@@ -34,9 +34,9 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "DeepseekV4ForCausalLM"):
         pytest.skip("this transformers has no DeepSeek-V4")
-    from moejax.model.compressed import entry_visibility
-    from moejax.model.indexer import selection_gap
-    from moejax.model.v4 import TransformerV4
+    from moejax.model.v4.compressed import entry_visibility
+    from moejax.model.v4.indexer import selection_gap
+    from moejax.model.v4.model import TransformerV4
 
     cfg = V4Config()
     variables = _randomise_variables(hf_v4.abstract_variables(cfg), seed=3)

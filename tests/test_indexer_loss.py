@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from test_v4 import _randomise_variables
 
-from moejax.model.indexer_loss import indexer_kl
-from moejax.model.v4_config import V4Config, v4_config
+from moejax.model.v4.indexer_loss import indexer_kl
+from moejax.config.v4 import V4Config, v4_config
 
 
 def _kl_reference(attention, scores, candidates, real):
@@ -69,7 +69,7 @@ def test_indexer_loss_trains_only_the_indexer():
     are those of the language-model loss alone (stop_gradient holds). coef = 0: indexer
     gradients are exactly zero, as before."""
     from moejax.interop.hf_v4 import abstract_variables
-    from moejax.model.v4 import TransformerV4
+    from moejax.model.v4.model import TransformerV4
     off, on = _small(), _small(indexer_loss_coef=0.5)
     variables = _randomise_variables(abstract_variables(off), seed=7)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 32)), jnp.int32)
@@ -105,7 +105,7 @@ def test_indexer_loss_trains_only_the_indexer():
 def test_warmup_attends_every_visible_entry():
     """Dense warm-up = a top-k large enough to select everything (same logits and KL)."""
     from moejax.interop.hf_v4 import abstract_variables
-    from moejax.model.v4 import TransformerV4
+    from moejax.model.v4.model import TransformerV4
     warm = _small(indexer_loss_coef=1.0, indexer_warmup=True)
     wide = _small(indexer_loss_coef=1.0, index_topk=8)
     variables = _randomise_variables(abstract_variables(warm), seed=2)

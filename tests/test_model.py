@@ -28,7 +28,7 @@ def test_changing_token_t_changes_no_earlier_logit():
     t = 20
     changed, _ = apply(v, tokens.at[:, t].set((tokens[:, t] + 1) % 128))
     # Not bitwise: token t's routing moves other pairs between dropless's batched slots
-    # and its overflow loop (bulk_dropless.py), two matmul kernels that round differently
+    # and its overflow loop (moe/cpu/bulk_dropless.py), two matmul kernels that round differently
     # (~1e-7 here). A leak would be orders of magnitude larger (see the assert below).
     np.testing.assert_allclose(changed[:, :t], base[:, :t], rtol=0, atol=1e-6)
     assert float(jnp.abs(changed[:, t:] - base[:, t:]).max()) > 1e-4

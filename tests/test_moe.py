@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.model.experts import DISPATCH, capacity, slot_positions_sorted
-from moejax.model.router import (Routing, expert_load, select_experts,
+from moejax.model.moe.capacity import DISPATCH, capacity, slot_positions_sorted
+from moejax.model.moe.router import (Routing, expert_load, select_experts,
                                  sequence_balance_loss, update_balance_bias)
 
 G, S, D, E, F, T = 2, 16, 8, 4, 6, 2

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.model.hyper import HyperConnection, sinkhorn
-from moejax.model.v4_config import V4Config, V4MoEConfig, v4_config
+from moejax.model.v4.hyper import HyperConnection, sinkhorn
+from moejax.config.v4 import V4Config, V4MoEConfig, v4_config
 from moejax.model.layers import clamped_swiglu
-from moejax.model.experts import DISPATCH
-from moejax.model.v4_moe import V4Router, random_tid2eid, sqrtsoftplus
+from moejax.model.moe.capacity import DISPATCH
+from moejax.model.v4.moe import V4Router, random_tid2eid, sqrtsoftplus
 
 # ----------------------------------------------------------------------------- mHC
 
@@ -313,9 +313,9 @@ def test_hf_parity_tiny_all_paths(tmp_path):
     if not hasattr(transformers, "DeepseekV4ForCausalLM"):
         pytest.skip("this transformers has no DeepSeek-V4")
     from moejax.interop import hf_v4
-    from moejax.model.compressed import entry_visibility
-    from moejax.model.indexer import selection_gap
-    from moejax.model.v4 import TransformerV4
+    from moejax.model.v4.compressed import entry_visibility
+    from moejax.model.v4.indexer import selection_gap
+    from moejax.model.v4.model import TransformerV4
 
     torch.manual_seed(0)
     model = transformers.DeepseekV4ForCausalLM(_hf_tiny_config(transformers)).eval()
@@ -439,7 +439,7 @@ def _randomise_variables(variables, seed=0):
 def test_cached_decoding_equals_the_full_forward():
     """Prefill 37 tokens (not window-aligned), then 1 token at a time (spec 1.10)."""
     from moejax.interop.hf_v4 import abstract_variables
-    from moejax.model.v4 import TransformerV4
+    from moejax.model.v4.model import TransformerV4
     cfg = V4Config(num_layers=2, max_seq_len=48, attention=dataclasses.replace(
         V4Config().attention, layer_types=("csa", "hca")), moe=dataclasses.replace(
         V4Config().moe, num_hash_layers=1))
@@ -471,7 +471,7 @@ def test_scanned_layers_equal_unrolled_and_train():
     """Runs of repeated layer kinds are scanned; same numbers; gradients finite."""
     from moejax.config import load_config_file
     from moejax.interop.hf_v4 import abstract_variables
-    from moejax.model.v4 import TransformerV4, layer_segments, relayout
+    from moejax.model.v4.model import TransformerV4, layer_segments, relayout
     flash = v4_config(load_config_file("configs/deepseek_v4.py:flash").model)
     assert [(s.start, len(s.kinds), s.repeats) for s in layer_segments(flash)] == [
         (0, 1, 2), (2, 1, 1), (3, 2, 20)]  # 2 SWA-hash, 1 CSA-hash, 20 x (HCA, CSA)
@@ -503,8 +503,8 @@ def test_scanned_layers_equal_unrolled_and_train():
 
 def test_mtp_block_and_its_checkpoint_names():
     from moejax.interop import hf_v4
-    from moejax.model.v4 import TransformerV4
-    from moejax.model.v4_config import V4MTPConfig
+    from moejax.model.v4.model import TransformerV4
+    from moejax.config.v4 import V4MTPConfig
     cfg = dataclasses.replace(V4Config(), mtp=V4MTPConfig(depth=1))
     variables = hf_v4.abstract_variables(cfg)
     assert variables["moe_bias"]["mtp_bias"].shape == (1, 8)
@@ -565,7 +565,7 @@ def test_published_flash_config_json_matches_configs_deepseek_v4():
 def test_packed_documents_do_not_see_each_other():
     """Two documents packed in one row (each a multiple of every rate long) = run alone."""
     from moejax.interop.hf_v4 import abstract_variables
-    from moejax.model.v4 import TransformerV4
+    from moejax.model.v4.model import TransformerV4
     cfg = V4Config(num_layers=2, attention=dataclasses.replace(
         V4Config().attention, layer_types=("csa", "hca")), moe=dataclasses.replace(
         V4Config().moe, num_hash_layers=1))
@@ -590,7 +590,7 @@ def test_plan_cli_json_for_a_v3_style_transformer(capsys):
 
 
 def test_banded_window_attention_equals_the_dense_reference():
-    from moejax.model.compressed import banded_sink_attention, sink_attention, window_mask
+    from moejax.model.v4.compressed import banded_sink_attention, sink_attention, window_mask
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(2, 48, 3, 8)), jnp.float32)
     kv = jnp.asarray(rng.normal(size=(2, 48, 8)), jnp.float32)

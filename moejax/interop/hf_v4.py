@@ -35,8 +35,8 @@ import numpy as np
 
 from moejax.interop.hf_v4_config import v4_config_from_hf
 from moejax.interop.hf_v4_export import save  # noqa: F401  (hf_v4.save, as hf.save for V3)
-from moejax.model.v4 import TransformerV4, layer_location
-from moejax.model.v4_config import V4Config
+from moejax.model.v4.model import TransformerV4, layer_location
+from moejax.config.v4 import V4Config
 
 # HF's `conversion_mapping["deepseek_v4"]` renames (original -> in-memory), in order.
 _RENAMES = [(re.compile(a), b) for a, b in [

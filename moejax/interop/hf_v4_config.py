@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from moejax.model.v4_config import (HyperConfig, V4AttentionConfig, V4Config, V4MoEConfig,
+from moejax.config.v4 import (HyperConfig, V4AttentionConfig, V4Config, V4MoEConfig,
                                     V4MTPConfig, layer_types_from_ratios, validate_v4)
 
 MODEL_TYPE = "deepseek_v4"

@@ -11,7 +11,7 @@ import flax.linen as nn
 
 from moejax.config import AnyModelConfig
 from moejax.model.transformer import Transformer
-from moejax.model.v4 import TransformerV4
+from moejax.model.v4.model import TransformerV4
 
 
 def build_model(m: AnyModelConfig, decode: bool = False) -> nn.Module:

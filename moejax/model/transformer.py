@@ -20,12 +20,12 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax.config import ModelConfig
-from moejax.model.attention import Attention
+from moejax.model.attention.gqa import Attention
 from moejax.model.layers import MLP, Embed, LMHead, RMSNorm
-from moejax.model.mla import MLA
-from moejax.model.moe import MoE
+from moejax.model.attention.mla import MLA
+from moejax.model.moe.layer import MoE
 from moejax.model.mtp import MTP_BIAS, MTPModule, mtp_aux, next_tokens
-from moejax.model.router import balance_bias, weighted_moe_loss
+from moejax.model.moe.router import balance_bias, weighted_moe_loss
 from moejax.sharding import constrain
 
 REMAT_POLICIES = {

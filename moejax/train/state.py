@@ -26,8 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax.config import Config
 from moejax.model.build import build_model
-from moejax.model.router import BIAS_COLLECTION
-from moejax.model.v4_moe import HASH_COLLECTION
+from moejax.model.moe.router import BIAS_COLLECTION
+from moejax.model.v4.moe import HASH_COLLECTION
 from moejax.sharding import param_shardings
 from moejax.train.optimizer import make_optimizer
 

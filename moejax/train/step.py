@@ -30,7 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax.config import Config
-from moejax.model.router import update_balance_bias
+from moejax.model.moe.router import update_balance_bias
 from moejax.sharding import logical_to_spec
 from moejax.train.state import TrainSetup, TrainState
 

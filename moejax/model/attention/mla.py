@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MLAConfig, RopeConfig
-from moejax.model.attention import (HEADS_MAJOR, attention_mask, causal_blocks_for,
-                                    heads_major_attention, resolve_impl)
+from moejax.model.attention.core import (HEADS_MAJOR, attention_mask, causal_blocks_for,
+                                         heads_major_attention, resolve_impl)
 from moejax.model.layers import RMSNorm, linear, normal_init
 from moejax.model.rope import apply_rope, yarn_get_mscale
 from moejax.sharding import constrain

@@ -13,7 +13,7 @@
 per token; imported checkpoints overwrite it. Hash layers ignore the balance bias.
 
 The clamp lives in layers.py (`clamped_swiglu`, used by `MLP` and by the `swiglu_limit`
-argument of every dispatch strategy), so V4 layers share moe.py's `routed_experts`.
+argument of every dispatch strategy), so V4 layers share moe/layer.py's `routed_experts`.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from moejax.model.layers import MLP, normal_init
-from moejax.model.moe import routed_experts
-from moejax.model.router import Routing, routing_stats, select_experts
-from moejax.model.v4_config import V4MoEConfig
+from moejax.model.moe.layer import routed_experts
+from moejax.model.moe.router import Routing, routing_stats, select_experts
+from moejax.config.v4 import V4MoEConfig
 from moejax.sharding import constrain
 
 DType = Any

@@ -12,25 +12,22 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from moejax.config_coerce import dataclass_from_dict
-from moejax.model.v4_config import V4Config
+from moejax.config.choices import (
+    SCORE_FUNCTIONS,
+    DISPATCHES,
+    EXPERT_PARALLEL,
+    EXPERT_TRANSPORTS,
+    DROPLESS_BACKENDS,
+    REMAT_POLICIES,
+    ROPE_STYLES,
+    ATTENTION_TYPES,
+    ARCHITECTURES,
+    DTYPES,
+    ATTENTION_IMPLS,
+    MESH_AXES)
+from moejax.config.coerce import dataclass_from_dict
+from moejax.config.v4 import V4Config, v4_config
 
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
-DISPATCHES = ("dense", "einsum", "index", "dropless")
-EXPERT_PARALLEL = ("gspmd", "shard_map")  # who moves tokens to experts (see MoEConfig)
-EXPERT_TRANSPORTS = ("auto", "all_gather", "ragged")  # shard_map transports
-# how dropless runs its experts: "auto" = "ragged_dot" on GPU/TPU, "bulk" on CPU (dropless.py)
-DROPLESS_BACKENDS = ("auto", "bulk", "loop", "ragged_dot")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe")
-ROPE_STYLES = ("half", "interleaved")
-ATTENTION_TYPES = ("gqa", "mla")
-# model.architecture: "transformer" = `moejax.Transformer` (dense / DeepSeek-V2/V3 MoE, GQA or
-# MLA; the ModelConfig fields below), "deepseek_v4" = `moejax.TransformerV4` (the model
-# section holds `moejax.model.v4_config.V4Config`'s fields instead).
-ARCHITECTURES = ("transformer", "deepseek_v4")
-DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "reference")  # model/attention.py
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +290,6 @@ def model_config(section: Any) -> AnyModelConfig:
         architecture = section.get("architecture", "transformer")
     _choice("model.architecture", architecture, ARCHITECTURES)
     if architecture == "deepseek_v4":
-        from moejax.model.v4_config import v4_config  # noqa: PLC0415 (it imports config)
         return v4_config(section)
     model = dataclass_from_dict(ModelConfig, section, "model")
     validate_model(model)
@@ -373,12 +369,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     resolve(cfg)
 
 
-__all__ = ["Config", "resolve", "ModelConfig", "MoEConfig", "RopeConfig", "MeshConfig",
-           "MLAConfig", "MTPConfig", "load_config", "load_config_file",
-           "model_config", "mesh_config", "validate", "apply_overrides"]
+__all__ = ["AnyModelConfig", "Config", "DataConfig", "MLAConfig", "MTPConfig", "MeshConfig",
+           "MoEConfig", "ModelConfig", "OptimizerConfig", "RopeConfig", "TrainConfig",
+           "mesh_config", "model_config", "resolve", "validate"]
 
-
-# Loading config files and overrides lives in config_files.py; re-exported here so that
-# `moejax.config.load_config` keeps working.
-from moejax.config_files import (apply_overrides, load_config,  # noqa: E402
-                                 load_config_file)

@@ -1,9 +1,9 @@
 """DeepSeekMoE feed-forward block: router + routed experts + shared experts.
 
 y = shared(x) + sum_{j in top-k} w_j expert_j(x); the routed sum goes through the dispatch
-strategy named by `MoEConfig.dispatch` (see experts.py), or, with
+strategy named by `MoEConfig.dispatch` (see capacity.py), or, with
 `MoEConfig.expert_parallel == "shard_map"` under an active mesh, through the explicit
-expert-parallel transport of expert_parallel.py.
+expert-parallel transport of parallel/shard_map.py.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MoEConfig
-from moejax.model.expert_parallel import select_dispatch
+from moejax.model.moe.parallel.shard_map import select_dispatch
 from moejax.model.layers import MLP, normal_init
-from moejax.model.router import Router, routing_stats
+from moejax.model.moe.router import Router, routing_stats
 from moejax.sharding import constrain
 
 DType = Any

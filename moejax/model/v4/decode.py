@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.model.compressed import (Compressor, entry_visibility, pool_windows,
+from moejax.model.v4.compressed import (Compressor, entry_visibility, pool_windows,
                                      sink_attention)
-from moejax.model.indexer import Indexer, index_scores, select_top_k
+from moejax.model.v4.indexer import Indexer, index_scores, select_top_k
 
 NEG_INF = -jnp.inf
 

@@ -17,6 +17,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from moejax.config.choices import (DROPLESS_BACKENDS, DTYPES, EXPERT_PARALLEL,
+                                   EXPERT_TRANSPORTS, REMAT_POLICIES)
+from moejax.config.coerce import dataclass_from_dict
+
 LAYER_TYPES = ("sliding", "csa", "hca")
 V4_SCORE_FUNCTIONS = ("sqrtsoftplus", "sigmoid", "softmax")
 V4_DISPATCHES = ("dense", "index", "dropless")
@@ -168,8 +172,6 @@ def validate_moe(e: V4MoEConfig, num_layers: int, p: str) -> None:
            f"use one of {list(V4_SCORE_FUNCTIONS)}.")
     _check(e.dispatch in V4_DISPATCHES, f"{p}.dispatch", e.dispatch,
            f"use one of {list(V4_DISPATCHES)}.")
-    from moejax.config import (DROPLESS_BACKENDS, EXPERT_PARALLEL,  # noqa: PLC0415
-                               EXPERT_TRANSPORTS)
     _check(e.expert_parallel in EXPERT_PARALLEL, f"{p}.expert_parallel", e.expert_parallel,
            f"use one of {list(EXPERT_PARALLEL)}.")
     _check(e.expert_transport in EXPERT_TRANSPORTS, f"{p}.expert_transport",
@@ -188,7 +190,6 @@ def validate_moe(e: V4MoEConfig, num_layers: int, p: str) -> None:
 
 def validate_v4(c: V4Config, prefix: str = "model") -> None:
     """Checks every field; raises ValueError naming the field, the value and the fix."""
-    from moejax.config import DTYPES, REMAT_POLICIES  # noqa: PLC0415 (config may import us)
     _check(c.architecture == "deepseek_v4", f"{prefix}.architecture", c.architecture,
            "a V4Config is architecture='deepseek_v4'.")
     _positive(c, prefix, ("vocab_size", "embed_dim", "num_layers", "max_seq_len", "norm_eps",
@@ -211,7 +212,6 @@ def validate_v4(c: V4Config, prefix: str = "model") -> None:
 
 def v4_config(section: Any, prefix: str = "model") -> V4Config:
     """Builds and validates a V4Config from a dict / ConfigDict (unknown keys raise)."""
-    from moejax.config import dataclass_from_dict  # noqa: PLC0415 (config may import us)
     cfg = dataclass_from_dict(V4Config, section, prefix)
     validate_v4(cfg, prefix)
     return cfg

@@ -7,7 +7,7 @@ Per `expert` shard (n shards, E_l = E / n experts each, P = G_l * S * T local pa
     counts = per-expert pair counts of every shard (one all_gather)      [n, E]
     plan   = exchange_plans(counts, me, R)           offsets and sizes, both directions
     rows   = ragged_all_to_all(x[token(order)])      [R, D]  pairs of my experts
-    y      = dropless SwiGLU of the rows by local expert (dropless.py; grouped
+    y      = dropless SwiGLU of the rows by local expert (../dropless.py; grouped
              matmul: ragged_dot on gpu/tpu, a loop on CPU)                      [R, D]
     back   = ragged_all_to_all(y) with the reverse plan                        [P, D]
     out    = sum_T  w * back[unsort]                                      [G_l, S, D]
@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moejax.model.dropless import dropless_dispatch
+from moejax.model.moe.dropless import dropless_dispatch
 
 
 class ExchangePlan(NamedTuple):

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from moejax.config.schema import validate
+
 
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
@@ -63,7 +65,6 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Notebook-friendly loading (no absl): config file + 'a.b=value' overrides, validated."""
-    from moejax.config import validate  # config.py re-exports this module's functions
     cfg = load_config_file(path)
     apply_overrides(cfg, overrides)
     validate(cfg)

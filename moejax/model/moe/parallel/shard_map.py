@@ -1,6 +1,6 @@
 """Expert parallelism with an explicit transport: a `jax.shard_map` around the routed experts.
 
-The annotation-only path ("gspmd", experts.py) lets GSPMD insert the all-to-all where the
+The annotation-only path ("gspmd", ../capacity.py) lets GSPMD insert the all-to-all where the
 capacity buffers are constrained to `act_expert`. Here the schedule is written out. With
 n = mesh.expert, each `expert` shard holds E_l = E / n experts (weights [E_l, D, F]; F is
 further split over `tensor` when tensor > 1) and its own tokens [G_l, S, D] (the token
@@ -27,7 +27,7 @@ split (bench/README.md has the measurement).
 
 Transport "ragged" (GPU/TPU; emulated by all-gathers elsewhere, for tests): pairs are
 sorted by destination expert, exchanged with `jax.lax.ragged_all_to_all`, computed
-dropless (dropless.py's grouped matmul: ragged_dot on gpu/tpu) and sent back; see
+dropless (../dropless.py's grouped matmul: ragged_dot on gpu/tpu) and sent back; see
 ragged_exchange.py. "auto" picks "ragged" on gpu/tpu and "all_gather" elsewhere.
 
 If the token groups do not divide over the expert axis (logical_to_spec then keeps them
@@ -43,11 +43,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from moejax.config import EXPERT_TRANSPORTS
-from moejax.model.dropless import dropless_dispatch
-from moejax.model.experts import (DISPATCH, DispatchFn, ExpertWeights, assign_slots, capacity,
+from moejax.model.moe.dropless import dropless_dispatch
+from moejax.model.moe.capacity import (DISPATCH, DispatchFn, ExpertWeights, assign_slots, capacity,
                                   choice_major, combine_from_slots, gather_to_slots)
 from moejax.model.layers import clamped_swiglu
-from moejax.model.ragged_exchange import ragged_shard
+from moejax.model.moe.parallel.ragged_exchange import ragged_shard
 from moejax.sharding import active_mesh, logical_to_spec
 
 RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
@@ -143,7 +143,7 @@ def expert_parallel_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Arra
                              mesh: Mesh, transport: str = "auto", local: str = "index",
                              dropless_backend: str | None = None
                              ) -> tuple[jax.Array, jax.Array]:
-    """The dispatch contract of experts.py, computed per expert shard under shard_map.
+    """The dispatch contract of capacity.py, computed per expert shard under shard_map.
 
     x [G, S, D], indices/weights [G, S, T], mask [G, S], expert weights gate/up [E, D, F],
     down [E, F, D] -> (out [G, S, D], dropped pairs). Needs E % mesh.expert == 0 and, when

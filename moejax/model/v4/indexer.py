@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.model.compressed import Compressor, rotate_tail
+from moejax.model.v4.compressed import Compressor, rotate_tail
 from moejax.model.layers import linear, normal_init
 
 DType = Any

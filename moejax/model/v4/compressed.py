@@ -45,7 +45,7 @@ import numpy as np
 from moejax.config import RopeConfig
 from moejax.model.layers import RMSNorm, linear, normal_init
 from moejax.model.rope import inverse_frequencies
-from moejax.model.v4_config import V4AttentionConfig
+from moejax.config.v4 import V4AttentionConfig
 
 DType = Any
 NEG_INF = -jnp.inf

@@ -12,8 +12,8 @@ Backends (`backend=None` picks by platform, see `default_backend`):
   XLA:CPU lowers it densely (reported ~50x a dense FFN's forward), so on CPU it is used
   only to test it.
 - "loop": for XLA:CPU, the per-matmul building block (dropless's "loop" backend runs
-  the fused whole-FFN version, grouped_ffn.py; its CPU default "bulk" runs the overflow
-  with it, overflow_ffn.py). A loop over groups; each segment is cut into windows of
+  the fused whole-FFN version, cpu/grouped_ffn.py; its CPU default "bulk" runs the overflow
+  with it, cpu/overflow_ffn.py). A loop over groups; each segment is cut into windows of
   `block` rows, then windows of min_rows * 2^j rows (largest below `block` first) for
   the remainder and one last masked window of min_rows rows (`over_windows`). A window is a
   dynamic slice of x times the group's [K, N] weights (one plain matmul), written back

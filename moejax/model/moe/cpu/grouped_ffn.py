@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moejax.model.grouped_matmul import over_windows, segment_bounds
+from moejax.model.moe.grouped_matmul import over_windows, segment_bounds
 from moejax.model.layers import clamped_swiglu
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from moejax.model.dropless import dropless_dispatch
+from moejax.model.moe.dropless import dropless_dispatch
 from moejax.model.layers import clamped_swiglu
 from moejax.sharding import constrain
 

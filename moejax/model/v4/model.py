@@ -32,13 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from moejax.model.hyper import HyperConnection, HyperHead, expand, expand_streams
+from moejax.model.v4.hyper import HyperConnection, HyperHead, expand, expand_streams
 from moejax.model.layers import Embed, LMHead, RMSNorm, linear, normal_init
 from moejax.model.mtp import MTP_BIAS, mtp_aux, next_tokens
-from moejax.model.router import balance_bias, weighted_moe_loss
-from moejax.model.v4_attention import V4Attention
-from moejax.model.v4_config import V4Config
-from moejax.model.v4_moe import HASH_COLLECTION, V4MoE
+from moejax.model.moe.router import balance_bias, weighted_moe_loss
+from moejax.model.v4.attention import V4Attention
+from moejax.config.v4 import V4Config
+from moejax.model.v4.moe import HASH_COLLECTION, V4MoE
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,

@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moejax.model.grouped_ffn import expert_in_out, f32_dot
-from moejax.model.grouped_matmul import over_windows, segment_bounds
+from moejax.model.moe.cpu.grouped_ffn import expert_in_out, f32_dot
+from moejax.model.moe.grouped_matmul import over_windows, segment_bounds
 from moejax.model.layers import clamped_swiglu
-from moejax.model.row_gather import take_rows
+from moejax.model.moe.row_gather import take_rows
 
 
 class Loop(NamedTuple):

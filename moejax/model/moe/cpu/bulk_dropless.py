@@ -30,9 +30,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from moejax.model.layers import clamped_swiglu
-from moejax.model.overflow_ffn import (Loop, loop_settings, overflow_backward,
+from moejax.model.moe.cpu.overflow_ffn import (Loop, loop_settings, overflow_backward,
                                        overflow_forward)
-from moejax.model.row_gather import permute_rows, take_tokens
+from moejax.model.moe.row_gather import permute_rows, take_tokens
 
 ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up [E,D,F]; down [E,F,D]
 

@@ -22,14 +22,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.model.compressed import (Compressor, banded_sink_attention, entry_segment_mask,
+from moejax.model.v4.compressed import (Compressor, banded_sink_attention, entry_segment_mask,
                                      entry_visibility, rope_inv_freq, rotate_tail,
                                      sink_attention, window_mask)
-from moejax.model.hyper import unweighted_rms_norm
-from moejax.model.indexer import Indexer
-from moejax.model.indexer_loss import indexer_kl
+from moejax.model.v4.hyper import unweighted_rms_norm
+from moejax.model.v4.indexer import Indexer
+from moejax.model.v4.indexer_loss import indexer_kl
 from moejax.model.layers import RMSNorm, linear, normal_init
-from moejax.model.v4_config import V4AttentionConfig
+from moejax.config.v4 import V4AttentionConfig
 from moejax.sharding import constrain
 
 DType = Any
@@ -103,7 +103,7 @@ class V4Attention(nn.Module):
         kv = rotate_tail(norm("kv_norm")(linear(x, w["kv"].astype(dt))), positions, inv)
         kl = jnp.zeros((), jnp.float32)
         if self.decode:
-            from moejax.model.decode import decode_attention  # noqa: PLC0415
+            from moejax.model.v4.decode import decode_attention  # noqa: PLC0415
             o = decode_attention(self, q, kv, x, qr, positions, w["sinks"], inv, compressor,
                                  indexer)
         else:

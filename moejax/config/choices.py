@@ -1,0 +1,21 @@
+"""The allowed values of config fields with a fixed set of choices (imports nothing).
+
+Every validated choice lives here so that config, model and tools can import them
+without an import cycle.
+"""
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DISPATCHES = ("dense", "einsum", "index", "dropless")
+EXPERT_PARALLEL = ("gspmd", "shard_map")  # who moves tokens to experts (see MoEConfig)
+EXPERT_TRANSPORTS = ("auto", "all_gather", "ragged")  # shard_map transports
+# how dropless runs its experts: "auto" = "ragged_dot" on GPU/TPU, "bulk" on CPU (dropless.py)
+DROPLESS_BACKENDS = ("auto", "bulk", "loop", "ragged_dot")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe")
+ROPE_STYLES = ("half", "interleaved")
+ATTENTION_TYPES = ("gqa", "mla")
+# model.architecture: "transformer" = `moejax.Transformer` (dense / DeepSeek-V2/V3 MoE, GQA or
+# MLA; the ModelConfig fields below), "deepseek_v4" = `moejax.TransformerV4` (the model
+# section holds `moejax.config.v4.V4Config`'s fields instead).
+ARCHITECTURES = ("transformer", "deepseek_v4")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "reference")  # model/attention/core.py
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
