@@ -10,7 +10,7 @@ from conftest import ROOT
 
 import moejax
 from moejax.config import load_config
-from moejax.model.mtp import mtp_target_mask, mtp_token_nll
+from moejax.train.loss import shifted_nll, target_mask
 from moejax.model.transformer import DecoderBlock, Transformer
 
 V3 = str(ROOT / "configs" / "deepseek_v3.py")
@@ -129,8 +129,8 @@ def test_mtp_is_causal_and_its_loss_counts_same_document_targets(tiny_v3):
     np.testing.assert_array_equal(a["mtp_logits"][:, :t + 1], b["mtp_logits"][:, :t + 1])
     assert float(jnp.abs(a["mtp_logits"][:, t + 1] - b["mtp_logits"][:, t + 1]).max()) > 1e-5
     seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0]])
-    np.testing.assert_array_equal(mtp_target_mask(seg), [[1, 0, 0, 1, 1, 0]])
-    nll, count = mtp_token_nll(a["mtp_logits"], tokens, jnp.ones_like(tokens))
+    np.testing.assert_array_equal(target_mask(seg, 2), [[1, 0, 0, 1, 1, 0]])
+    nll, count = shifted_nll(a["mtp_logits"], tokens, jnp.ones_like(tokens), 2)
     assert float(count) == tokens.shape[0] * (tokens.shape[1] - 2) and float(nll) > 0
 
 

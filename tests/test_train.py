@@ -14,8 +14,9 @@ from conftest import ROOT, SMALL_MODEL, small_config, subprocess_env
 import moejax
 from moejax.config import OptimizerConfig, load_config, resolve
 from moejax.train import (decay_mask, flops_per_token, init_state, learning_rate_schedule,
-                          make_setup, make_train_step, target_mask, token_nll,
+                          make_setup, make_train_step, target_mask,
                           train_and_evaluate)
+from moejax.train.loss import batch_loss, loss_metrics, shifted_nll, target_counts
 from moejax.train.optimizer import decays
 
 # Training overrides shared by every training test (same shapes -> same compiled programs).
@@ -46,16 +47,44 @@ def test_targets_across_segment_boundaries_and_padding_are_excluded():
     log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = -sum(log_p[b, t, tokens[b, t + 1]] for b in range(2) for t in range(7)
                 if expected[b, t])
-    nll, count = token_nll(jnp.asarray(logits), jnp.asarray(tokens), segment_ids)
+    nll, count = shifted_nll(jnp.asarray(logits), jnp.asarray(tokens), segment_ids)
     assert int(count) == expected.sum()
     np.testing.assert_allclose(float(nll), want, rtol=1e-5)
     # Changing a padding token or a token of the next document's first position leaves it.
     tokens2 = tokens.copy()
     tokens2[0, 5:] = 7
     tokens2[0, 3] = (tokens[0, 3] + 1) % 11
-    nll2, _ = token_nll(jnp.asarray(logits), jnp.asarray(tokens2), segment_ids)
+    nll2, _ = shifted_nll(jnp.asarray(logits), jnp.asarray(tokens2), segment_ids)
     np.testing.assert_allclose(float(nll2), float(nll), rtol=1e-6)
 
+
+
+def test_batch_loss_and_logged_loss_sum_the_same_terms():
+    """The differentiated loss of a batch equals the logged `loss` of its statistics, and
+    splitting the batch with whole-batch denominators sums to the same loss and stats."""
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, 7, size=(4, 6)), jnp.int32)
+    segment_ids = jnp.asarray([[1, 1, 1, 2, 2, 0]] * 2 + [[1, 1, 1, 1, 1, 1]] * 2, jnp.int32)
+    aux = {"mtp_logits": jnp.asarray(rng.normal(size=(4, 6, 7)), jnp.float32),
+           "moe_loss": jnp.float32(0.25), "mtp_moe_loss": jnp.float32(0.125),
+           "indexer_loss": jnp.float32(0.5), "balance_loss": jnp.ones(2),
+           "z_loss": jnp.ones(2), "dropped_fraction": jnp.zeros(2),
+           "expert_load": jnp.full((2, 4), 0.25)}
+    logits = jnp.asarray(rng.normal(size=(4, 6, 7)), jnp.float32)
+    batch = {"tokens": tokens, "segment_ids": segment_ids}
+    loss, stats = batch_loss(logits, aux, batch, weight_mtp=0.3)
+    metrics = loss_metrics(stats, weight_mtp=0.3)
+    np.testing.assert_allclose(float(loss), float(metrics["loss"]), rtol=1e-6)
+    ce, mtp_ce = stats["nll"] / stats["count"], stats["mtp_nll"] / stats["mtp_count"]
+    np.testing.assert_allclose(float(loss), float(ce + 0.3 * mtp_ce + 0.375 + 0.5), rtol=1e-6)
+    denoms = target_counts(segment_ids, with_mtp=True)
+    halves = [batch_loss(logits[i::2], {k: v[i::2] if k == "mtp_logits" else v
+                                         for k, v in aux.items()},
+                         {k: v[i::2] for k, v in batch.items()}, 0.3, denoms, 0.5)
+              for i in range(2)]
+    np.testing.assert_allclose(float(halves[0][0] + halves[1][0]), float(loss), rtol=1e-6)
+    summed = jax.tree.map(jnp.add, halves[0][1], halves[1][1])
+    np.testing.assert_allclose(float(loss_metrics(summed, 0.3)["loss"]), float(loss), rtol=1e-6)
 
 # ------------------------------------------------------------------------------- optimizer
 

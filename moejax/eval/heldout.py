@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moejax import data as moedata
 from moejax.config import Config
 from moejax.train.state import TrainSetup, TrainState
-from moejax.train.step import batch_sharding, target_mask, token_nll
+from moejax.train.loss import batch_loss, target_mask
+from moejax.train.step import batch_sharding
 
 Batch = dict[str, jax.Array]
 BASELINE_TRAIN_DOCUMENTS = 2000  # documents of the train split fitted by the unigram model
@@ -27,15 +28,12 @@ BASELINE_TRAIN_DOCUMENTS = 2000  # documents of the train split fitted by the un
 
 def make_heldout_step(setup: TrainSetup, batch_size: int, seq_len: int
                       ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """Jitted (state, batch) -> summed target NLL (nats), target count, expert load."""
+    """Jitted (state, batch) -> the batch's `loss.batch_loss` statistics: summed target
+    NLL `nll` (nats), target count `count`, and the MoE statistics (`expert_load`, ...)."""
     def step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         logits, aux = setup.model.apply(state.variables(), batch["tokens"],
                                         batch["segment_ids"], batch["positions"])
-        nll, count = token_nll(logits, batch["tokens"], batch["segment_ids"])
-        out = {"nll": nll, "count": count}
-        if "expert_load" in aux:
-            out["expert_load"] = aux["expert_load"]
-        return out
+        return batch_loss(logits, aux, batch, weight_mtp=0.0)[1]
 
     return jax.jit(step, in_shardings=(setup.shardings,
                                        batch_sharding(setup.mesh, batch_size, seq_len)),

@@ -11,7 +11,7 @@ h_t is the main model's output *after* its final norm, as HuggingFace's `MtpMode
 vLLM feed it (the paper's "representation given by the main model"). The checkpoint
 convention of the concatenation is [embedding; hidden] (the paper writes [h; emb]).
 The last position has no token t+1: it gets the embedding of token 0 and its logits are
-meaningless; `mtp_token_nll` never counts it.
+meaningless; the loss (`moejax.train.loss`, offset 2) never counts it.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from moejax.config import ModelConfig
 from moejax.model.layers import RMSNorm, linear, normal_init
@@ -67,21 +66,3 @@ def mtp_aux(logits: jax.Array, stats: dict[str, jax.Array], balance_loss_coef: f
     return {"mtp_logits": logits.astype(jnp.float32),
             "mtp_expert_load": stacked["expert_load"],
             "mtp_moe_loss": weighted_moe_loss(stacked, balance_loss_coef, z_loss_coef)}
-
-
-def mtp_target_mask(segment_ids: jax.Array) -> jax.Array:
-    """bool [B, L-2]: whether token t+2 is an MTP target for position t (same document)."""
-    s0, s1, s2 = segment_ids[:, :-2], segment_ids[:, 1:-1], segment_ids[:, 2:]
-    return (s0 == s1) & (s1 == s2) & (s0 != 0)
-
-
-def mtp_token_nll(mtp_logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-    """(summed MTP negative log-likelihood of tokens t+2, number of counted targets).
-
-    The MTP loss of DeepSeek-V3 is loss_weight * nll / count (averaged over depths).
-    """
-    mask = mtp_target_mask(segment_ids)
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-        mtp_logits[:, :-2].astype(jnp.float32), tokens[:, 2:])
-    return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask).astype(jnp.float32)

@@ -13,12 +13,12 @@ from moejax.train.loop import check_inputs, global_batch, train_and_evaluate
 from moejax.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from moejax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from moejax.train.state import TrainSetup, TrainState, init_state, make_setup, param_count
-from moejax.train.step import (batch_sharding, make_eval_step, make_train_step, target_mask,
-                               token_nll, train_step_fn)
+from moejax.train.loss import batch_loss, loss_metrics, target_mask, token_nll
+from moejax.train.step import batch_sharding, make_train_step, train_step_fn
 
 __all__ = [
-    "MetricsWriter", "TrainSetup", "TrainState", "batch_sharding", "check_inputs",
+    "MetricsWriter", "TrainSetup", "TrainState", "batch_loss", "batch_sharding", "check_inputs",
     "decay_mask", "flops_per_token", "global_batch", "init_state", "learning_rate_schedule",
-    "make_eval_step", "make_optimizer", "make_setup", "make_train_step", "param_count",
+    "loss_metrics", "make_optimizer", "make_setup", "make_train_step", "param_count",
     "peak_flops_per_device", "target_mask", "token_nll", "train_and_evaluate", "train_step_fn",
 ]
