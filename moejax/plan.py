@@ -39,6 +39,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moejax.config import load_config_file, model_config, v4_config
+from moejax.model.transformer import Transformer
+from moejax.model.v4.model import TransformerV4
+
 KEYS = ("total_params", "mtp_params", "active_params", "embedding_params", "flops_per_token")
 NON_MATMUL = ("scale", "sinks", "position_bias", "base", "bias", "embedding")
 
@@ -80,8 +84,6 @@ def _count(variables: Any, num_experts: int, top_k: int
 
 
 def plan_v4(section: Any, seq_len: int) -> dict[str, float]:
-    from moejax.model.v4.model import TransformerV4  # noqa: PLC0415
-    from moejax.config.v4 import v4_config  # noqa: PLC0415
     cfg = v4_config(section)
     e, a = cfg.moe, cfg.attention
     variables = _abstract(TransformerV4(cfg))
@@ -108,8 +110,6 @@ def plan_v4(section: Any, seq_len: int) -> dict[str, float]:
 
 
 def plan_transformer(section: Any, seq_len: int) -> dict[str, float]:
-    from moejax.config import model_config  # noqa: PLC0415
-    from moejax.model.transformer import Transformer  # noqa: PLC0415
     m = model_config(section)
     variables = _abstract(Transformer(m))
     counts, _ = _count(variables, m.moe.num_experts, m.moe.top_k)
@@ -153,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object")
     parser.add_argument("--seq_len", type=int, default=None, help="default: train.seq_len")
     args = parser.parse_args(argv)
-    from moejax.config import load_config_file  # noqa: PLC0415
     result = plan(load_config_file(args.config), args.seq_len)
     if args.json:
         print(json.dumps({k: result[k] for k in KEYS}))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moejax.config import MESH_AXES, Config, MeshConfig
+from moejax.config import MESH_AXES, Config, MeshConfig, mesh_config
 
 # Logical axis -> what it means. Parameters first, then activations.
 LOGICAL_AXES: dict[str, str] = {
@@ -92,7 +92,6 @@ def make_mesh(cfg: MeshConfig | Config | Any, devices: Sequence[Any] | None = No
     if isinstance(cfg, Config):
         cfg = cfg.mesh
     elif not isinstance(cfg, MeshConfig):
-        from moejax.config import mesh_config
         cfg = mesh_config(cfg.get("mesh", cfg) if hasattr(cfg, "get") else cfg)
     devices = list(devices if devices is not None else jax.devices())
     sizes = mesh_shape(cfg, len(devices))

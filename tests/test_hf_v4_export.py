@@ -124,7 +124,7 @@ def test_export_refuses_what_hf_cannot_hold(tmp_path):
 
 
 def test_cli_import_then_export_gives_back_the_same_folder(tmp_path):
-    """`python -m moejax.interop.hf import` / `export` dispatch on the V4 model type: a V4
+    """`python -m moejax.interop import` / `export` dispatch on the V4 model type: a V4
     folder -> a step-0 training checkpoint (hash tables in its frozen state) -> the same
     tensors and config.json."""
     from moejax.interop.hf_cli import export_checkpoint, import_checkpoint

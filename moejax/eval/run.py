@@ -17,7 +17,7 @@ import numpy as np
 
 from moejax.config import Config, resolve
 from moejax.eval.generate import generate
-from moejax.eval.heldout import HeldOut, expert_usage_table, unigram_baseline
+from moejax.train.heldout import HeldOut, expert_usage_table, unigram_baseline
 from moejax.sharding import make_mesh, use_mesh
 from moejax.train import checkpoint
 from moejax.train.loop import check_inputs

@@ -10,7 +10,7 @@ checkpoint (unfused experts, FP8 e4m3 with 128x128 `weight_scale_inv`, MTP at la
 written into preallocated arrays, so host memory holds the model once plus one tensor.
 The imported model is dropless (`model.moe.capacity_factor = 0`), like HF.
 
-Command line (see `python -m moejax.interop.hf --help`):
+Command line (see `python -m moejax.interop --help`):
     import --hf-dir DIR --workdir W   Orbax checkpoint that `train.py --workdir W` resumes
     export --workdir W --out DIR      the newest checkpoint of W as a HF folder
 """
@@ -194,7 +194,3 @@ def save(config: Any, variables: dict[str, Any], out_dir: str | pathlib.Path,
     writer.close()
     (pathlib.Path(out_dir) / "config.json").write_text(json.dumps(hf, indent=2))
 
-
-if __name__ == "__main__":
-    from moejax.interop.hf_cli import main
-    main()

@@ -1,4 +1,4 @@
-"""`python -m moejax.interop.hf {import,export}`: HF folders <-> moejax training workdirs.
+"""`python -m moejax.interop {import,export}`: HF folders <-> moejax training workdirs.
 
 DeepSeek-V3 and DeepSeek-V4 alike: import dispatches on config.json's `model_type`
 (`deepseek_v4` -> hf_v4.load, else hf.load), export on the checkpoint's
@@ -24,13 +24,17 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from moejax import data as moedata
 from moejax.config import resolve
-from moejax.interop import hf
+from moejax.interop import hf, hf_v4
+from moejax.sharding import make_mesh, use_mesh
+from moejax.train import checkpoint
+from moejax.train.state import FROZEN, TrainState, make_setup
 
 CONFIG_FILE = "imported_config.py"
 _CONFIG_TEMPLATE = '''"""moejax config of the HuggingFace model imported from {source}.
 
-Written by `python -m moejax.interop.hf import`; train with
+Written by `python -m moejax.interop import`; train with
     python train.py --config {path} --workdir {workdir}
 """
 import ml_collections
@@ -52,7 +56,6 @@ def load_any(hf_dir: str, dtype: str = "float32") -> tuple[ml_collections.Config
     """(moejax ConfigDict, variables) of a DeepSeek-V3 or -V4 HF folder (by model_type)."""
     if hf.read_config(hf_dir).get("model_type") != "deepseek_v4":
         return hf.load(hf_dir, dtype=dtype)
-    from moejax.interop import hf_v4
     model, variables = hf_v4.load(hf_dir, param_dtype=dtype)
     tokenizer = pathlib.Path(hf_dir) / "tokenizer.json"
     return hf.config_dict(model, str(tokenizer.absolute()) if tokenizer.is_file()
@@ -61,11 +64,6 @@ def load_any(hf_dir: str, dtype: str = "float32") -> tuple[ml_collections.Config
 
 def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> pathlib.Path:
     """HF folder -> `workdir` with a step-0 checkpoint and its config file; returns the file."""
-    from moejax import data as moedata
-    from moejax.sharding import make_mesh, use_mesh
-    from moejax.train import checkpoint
-    from moejax.train.state import FROZEN, TrainState, make_setup
-
     config, variables = load_any(hf_dir, dtype)
     cfg = resolve(config)
     work = pathlib.Path(workdir)
@@ -100,10 +98,6 @@ def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> path
 def export_checkpoint(workdir: str, out_dir: str, dtype: str | None = None,
                       step: int | None = None) -> int:
     """Checkpoint `step` (default: newest) of `workdir` -> HF folder; returns the step."""
-    from moejax.sharding import make_mesh, use_mesh
-    from moejax.train import checkpoint
-    from moejax.train.state import make_setup
-
     step = checkpoint.latest_step(workdir) if step is None else step
     if step is None:
         raise ValueError(f"{workdir} holds no checkpoint to export.")
@@ -120,7 +114,6 @@ def export_checkpoint(workdir: str, out_dir: str, dtype: str | None = None,
     variables = {"params": state.params, "moe_bias": state.moe_bias,
                  **getattr(state, "frozen", {})}
     if getattr(cfg.model, "architecture", "transformer") == "deepseek_v4":
-        from moejax.interop import hf_v4
         hf_v4.save(cfg.model, variables, out_dir, dtype)
     else:
         hf.save(cfg.model, variables, out_dir, dtype)
@@ -128,7 +121,7 @@ def export_checkpoint(workdir: str, out_dir: str, dtype: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moejax.interop.hf", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m moejax.interop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF folder -> moejax workdir (step-0 checkpoint)")
@@ -151,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             step = export_checkpoint(args.workdir, args.out, args.dtype, args.step)
             print(f"exported step {step} of {args.workdir} to {args.out}")
     except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"moejax.interop.hf {args.command}: {err}")
+        sys.exit(f"moejax.interop {args.command}: {err}")
 
 
 __all__ = ["export_checkpoint", "import_checkpoint", "load_any", "main"]

@@ -32,7 +32,7 @@ import numpy as np
 from moejax.interop.hf_v4_config import hf_from_v4
 from moejax.interop.safetensors_io import ShardedWriter
 from moejax.model.v4.model import layer_location
-from moejax.config.v4 import V4Config
+from moejax.config.v4 import V4Config, v4_config
 
 Inverse = Callable[[np.ndarray], np.ndarray]  # moejax layout -> torch [out, in] layout
 _T: Inverse = lambda w: w.T  # noqa: E731
@@ -187,7 +187,6 @@ def save(config: Any, variables: dict[str, Any], out_dir: str | pathlib.Path,
     `config`: a V4Config, or a ConfigDict / Config whose `model` section is one. `dtype`
     converts the weights (e.g. "bfloat16"); fp32-kept tensors stay fp32 (module docstring).
     """
-    from moejax.config.v4 import v4_config  # noqa: PLC0415
     cfg = config if isinstance(config, V4Config) else v4_config(config.model)
     hf = hf_from_v4(cfg, dtype or cfg.param_dtype)
     target = None if dtype is None else np.dtype(jax.numpy.dtype(dtype))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from moejax.config import ModelConfig
 from moejax.model.layers import RMSNorm, linear, normal_init
+from moejax.model.moe.router import weighted_moe_loss
 
 MTP_BIAS = "mtp_bias"  # variable of the `moe_bias` collection: [depth, E] balance biases
 
@@ -61,7 +62,6 @@ def mtp_aux(logits: jax.Array, stats: dict[str, jax.Array], balance_loss_coef: f
             z_loss_coef: float) -> dict[str, jax.Array]:
     """The MTP entries of a model's aux: `mtp_logits` [B, L, V] fp32, `mtp_expert_load`
     [1, E] and `mtp_moe_loss`, from the MTP block's logits and its one layer's stats."""
-    from moejax.model.moe.router import weighted_moe_loss  # noqa: PLC0415 (router is a sibling)
     stacked = jax.tree.map(lambda a: a[None], stats)
     return {"mtp_logits": logits.astype(jnp.float32),
             "mtp_expert_load": stacked["expert_load"],

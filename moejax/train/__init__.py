@@ -9,12 +9,12 @@ Pieces for notebooks and tests::
     train_step = make_train_step(setup, cfg)   # jitted once, state donated
     state, metrics = train_step(state, batch, seed_key)
 """
-from moejax.train.loop import check_inputs, global_batch, train_and_evaluate
+from moejax.train.loop import check_inputs, train_and_evaluate
 from moejax.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from moejax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from moejax.train.state import TrainSetup, TrainState, init_state, make_setup, param_count
 from moejax.train.loss import batch_loss, loss_metrics, target_mask, token_nll
-from moejax.train.step import batch_sharding, make_train_step, train_step_fn
+from moejax.train.step import batch_sharding, global_batch, make_train_step, train_step_fn
 
 __all__ = [
     "MetricsWriter", "TrainSetup", "TrainState", "batch_loss", "batch_sharding", "check_inputs",

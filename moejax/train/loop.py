@@ -25,7 +25,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
-import numpy as np
 from tqdm.auto import tqdm
 
 from moejax import data as moedata
@@ -35,7 +34,8 @@ from moejax.train import checkpoint
 from moejax.train.metrics import (MetricsWriter, flops_per_token, host_metrics,
                                   peak_flops_per_device, throughput)
 from moejax.train.state import TrainSetup, TrainState, init_state, make_setup, param_count
-from moejax.train.step import batch_sharding, make_train_step
+from moejax.train.heldout import HeldOut
+from moejax.train.step import batch_sharding, global_batch, make_train_step
 
 EvalHook = Callable[[TrainState, Config], Mapping[str, float]]
 
@@ -51,13 +51,6 @@ def check_inputs(cfg: Config) -> tuple[moedata.Tokenizer, moedata.DataSummary]:
         cfg.data, tokenizer, cfg.train.seq_len, cfg.train.batch_size, jax.process_count(),
         evaluate=cfg.data.validation_fraction > 0)
     return tokenizer, summary
-
-
-def global_batch(host_batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding
-                 ) -> dict[str, jax.Array]:
-    """This host's rows -> one global jax.Array per field, laid out by `sharding`."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in host_batch.items()}
 
 
 class Logger:
@@ -192,7 +185,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
             bar = tqdm(total=cfg.train.steps, initial=int(state.step), desc="train",
                        disable=jax.process_index() != 0, dynamic_ncols=True)
             logger = Logger(cfg, writer, int(state.step), bar)
-            from moejax.eval.heldout import HeldOut  # moejax.eval imports this module
             validation = HeldOut(setup, cfg, tokenizer, min(cfg.train.eval_batches,
                                                             summary.validation_batches))
             state = _train(setup, cfg, state, train_it, manager, logger, validation)

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 
 from moejax.config import AnyModelConfig, ModelConfig
+from moejax.plan import plan_v4
 
 # Dense bf16 peak FLOP/s per chip, matched against `device.device_kind` (first hit wins,
 # so more specific names come first). Sources: Google Cloud TPU and NVIDIA data sheets
@@ -87,7 +88,6 @@ def flops_per_token(m: AnyModelConfig, seq_len: int) -> float:
     in `moejax.plan` (model.head_dim is unused by MLA).
     """
     if m.architecture == "deepseek_v4":
-        from moejax.plan import plan_v4  # noqa: PLC0415 (plan builds models)
         return float(plan_v4(m, seq_len)["flops_per_token"])
     per_layer = active_params_per_token(m)
     n_active = (m.num_layers * per_layer["attention"]

@@ -15,10 +15,11 @@ expert load (the mean over micro-batches), each bias variable with its own load
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -38,6 +39,13 @@ def batch_sharding(mesh: Mesh, batch_size: int, seq_len: int) -> NamedSharding:
     """Sharding of a global [batch_size, seq_len] input array: ("act_batch", "act_length")."""
     spec = logical_to_spec(("act_batch", "act_length"), shape=(batch_size, seq_len), mesh=mesh)
     return NamedSharding(mesh, spec)
+
+
+def global_batch(host_batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding
+                 ) -> dict[str, jax.Array]:
+    """This host's rows -> one global jax.Array per field, laid out by `sharding`."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in host_batch.items()}
 
 
 def split_micro_batches(batch: Batch, num_micro: int) -> Batch:

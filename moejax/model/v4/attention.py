@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from moejax.model.v4.compressed import (Compressor, banded_sink_attention, entry_segment_mask,
                                      entry_visibility, rope_inv_freq, rotate_tail,
                                      sink_attention, window_mask)
+from moejax.model.v4.decode import decode_attention
 from moejax.model.v4.hyper import unweighted_rms_norm
 from moejax.model.v4.indexer import Indexer
 from moejax.model.v4.indexer_loss import indexer_kl
@@ -103,7 +104,6 @@ class V4Attention(nn.Module):
         kv = rotate_tail(norm("kv_norm")(linear(x, w["kv"].astype(dt))), positions, inv)
         kl = jnp.zeros((), jnp.float32)
         if self.decode:
-            from moejax.model.v4.decode import decode_attention  # noqa: PLC0415
             o = decode_attention(self, q, kv, x, qr, positions, w["sinks"], inv, compressor,
                                  indexer)
         else:

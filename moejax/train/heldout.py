@@ -20,7 +20,7 @@ from moejax import data as moedata
 from moejax.config import Config
 from moejax.train.state import TrainSetup, TrainState
 from moejax.train.loss import batch_loss, target_mask
-from moejax.train.step import batch_sharding
+from moejax.train.step import batch_sharding, global_batch
 
 Batch = dict[str, jax.Array]
 BASELINE_TRAIN_DOCUMENTS = 2000  # documents of the train split fitted by the unigram model
@@ -62,7 +62,6 @@ class HeldOut:
 
     def __call__(self, state: TrainState, with_details: bool = False) -> dict[str, Any]:
         """`validation/*` metrics; with_details adds per-layer expert load and the texts."""
-        from moejax.train.loop import global_batch  # the loop imports this module
         nll = count = 0.0
         num_bytes, loads, texts = 0, [], []
         for host in self.batches():
