@@ -4,8 +4,8 @@
     python -m moejax.plan --config configs/tiny.py
 
 The model is built with `jax.eval_shape(model.init, ...)` (shapes only), so a 1.6T-parameter
-model plans on a laptop. A model section with `architecture = "deepseek_v4"` is a
-DeepSeek-V4 model (`TransformerV4`), anything else a `moejax.Transformer`.
+model plans on a laptop. The model section's architecture (`moejax.model.build`) does the
+counting: `moejax.model.counting.plan_transformer`, `moejax.model.v4.plan.plan_v4`.
 
 Reported (`--json`: one object with exactly these keys):
 
@@ -31,112 +31,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-
-from moejax.config import load_config_file, model_config, v4_config
-from moejax.model.transformer import Transformer
-from moejax.model.v4.model import TransformerV4
+from moejax.config import load_config_file
+from moejax.model.build import architecture_of
 
 KEYS = ("total_params", "mtp_params", "active_params", "embedding_params", "flops_per_token")
-NON_MATMUL = ("scale", "sinks", "position_bias", "base", "bias", "embedding")
-
-
-def _leaves(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
-    return [(tuple(str(getattr(p, "key", p)) for p in path), leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
-
-
-def _is_matmul(path: tuple[str, ...], leaf: Any) -> bool:
-    return path[-1] not in NON_MATMUL and len(leaf.shape) >= 2
-
-
-def _abstract(model: nn.Module) -> Any:
-    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))
-
-
-def _routed(path: tuple[str, ...]) -> bool:
-    """A routed-expert weight: moe/{gate,up,down} (not the shared expert's)."""
-    return len(path) >= 2 and path[-2] == "moe" and path[-1] in ("gate", "up", "down")
-
-
-def _count(variables: Any, num_experts: int, top_k: int
-           ) -> tuple[dict[str, int], int]:
-    """Counts over the params tree: total / mtp / active / active matmul weights."""
-    totals = {"main": 0, "mtp": 0, "active": 0, "active_matmul": 0}
-    for path, leaf in _leaves(variables["params"]):
-        size = math.prod(leaf.shape)
-        part = "mtp" if path[0] == "mtp" else "main"
-        totals[part] += size
-        if part == "mtp":
-            continue
-        used = size * top_k // num_experts if _routed(path) else size
-        totals["active"] += used
-        if _is_matmul(path, leaf):
-            totals["active_matmul"] += used
-    return totals, 0
-
-
-def plan_v4(section: Any, seq_len: int) -> dict[str, float]:
-    cfg = v4_config(section)
-    e, a = cfg.moe, cfg.attention
-    variables = _abstract(TransformerV4(cfg))
-    counts, _ = _count(variables, e.num_experts, e.top_k)
-    biases = (cfg.num_layers - e.num_hash_layers) * e.num_experts
-    embedding = cfg.vocab_size * cfg.embed_dim
-    window = min(a.sliding_window, seq_len)
-    attn = 0.0
-    for kind in a.layer_types:
-        keys = window
-        if kind == "hca":
-            keys += seq_len // a.hca_rate
-        elif kind == "csa":
-            keys += min(a.index_topk, seq_len // a.csa_rate)
-            attn += 2 * a.index_heads * a.index_head_dim * (seq_len // a.csa_rate)
-        attn += 3 * 2 * 2 * a.num_heads * a.head_dim * keys
-    return {
-        "total_params": counts["main"] + biases,
-        "mtp_params": counts["mtp"] + (e.num_experts if cfg.mtp.depth else 0),
-        "active_params": counts["active"] + biases - embedding,
-        "embedding_params": embedding,
-        "flops_per_token": float(6 * (counts["active_matmul"]) + attn),
-    }
-
-
-def plan_transformer(section: Any, seq_len: int) -> dict[str, float]:
-    m = model_config(section)
-    variables = _abstract(Transformer(m))
-    counts, _ = _count(variables, m.moe.num_experts, m.moe.top_k)
-    embedding = m.vocab_size * m.embed_dim
-    active = counts["active"] - (0 if m.tie_embeddings else embedding)
-    matmul = counts["active_matmul"] + (embedding if m.tie_embeddings else 0)
-    if getattr(m, "attention_type", "gqa") == "mla":
-        qk = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim
-        per_head = qk + m.mla.v_head_dim
-    else:
-        per_head = 2 * m.head_dim
-    attn = 3 * 2 * m.num_layers * seq_len * m.num_heads * per_head
-    biases = variables.get("moe_bias", {})  # e_score_correction_bias rows (spec 5.2)
-    main_bias = math.prod(biases["bias"].shape) if "bias" in biases else 0
-    mtp_bias = math.prod(biases["mtp_bias"].shape) if "mtp_bias" in biases else 0
-    return {"total_params": counts["main"] + main_bias, "mtp_params": counts["mtp"] + mtp_bias,
-            "active_params": active + main_bias, "embedding_params": embedding,
-            "flops_per_token": float(6 * matmul + attn)}
 
 
 def plan(cfg: Any, seq_len: int | None = None) -> dict[str, float]:
     """The plan of a ConfigDict (an experiment) at `seq_len` (default: train.seq_len)."""
     if seq_len is None:
         seq_len = int(cfg.train.seq_len) if "train" in cfg else 4096
-    if cfg.model.get("architecture", "transformer") == "deepseek_v4":
-        return plan_v4(cfg.model, seq_len)
-    return plan_transformer(cfg.model, seq_len)
+    return architecture_of(cfg.model).plan(cfg.model, seq_len)
 
 
 def _human(n: float) -> str:

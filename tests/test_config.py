@@ -1,9 +1,13 @@
 """Config loading, overrides and validation errors that name the field."""
+import ml_collections
 import pytest
 from conftest import ROOT, small_config
 
 import moejax
 from moejax.config import resolve
+from moejax.config.choices import ARCHITECTURES
+from moejax.model.build import ARCHITECTURES as REGISTRY
+from moejax.model.build import architecture_of
 
 TINY = str(ROOT / "configs" / "tiny.py")
 
@@ -54,3 +58,9 @@ def test_unknown_key_in_a_config_file_section_is_rejected():
 def test_missing_config_file_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         moejax.load_config("configs/nope.py")
+
+
+def test_every_configurable_architecture_has_a_model_interface():
+    assert set(ARCHITECTURES) == set(REGISTRY)
+    with pytest.raises(ValueError, match="model.architecture"):
+        architecture_of(ml_collections.ConfigDict({"architecture": "gpt2"}))

@@ -72,19 +72,21 @@ def test_batch_loss_and_logged_loss_sum_the_same_terms():
            "expert_load": jnp.full((2, 4), 0.25)}
     logits = jnp.asarray(rng.normal(size=(4, 6, 7)), jnp.float32)
     batch = {"tokens": tokens, "segment_ids": segment_ids}
-    loss, stats = batch_loss(logits, aux, batch, weight_mtp=0.3)
-    metrics = loss_metrics(stats, weight_mtp=0.3)
+    extra = ("indexer_loss",)
+    loss, stats = batch_loss(logits, aux, batch, weight_mtp=0.3, extra_losses=extra)
+    metrics = loss_metrics(stats, weight_mtp=0.3, extra_losses=extra)
     np.testing.assert_allclose(float(loss), float(metrics["loss"]), rtol=1e-6)
     ce, mtp_ce = stats["nll"] / stats["count"], stats["mtp_nll"] / stats["mtp_count"]
     np.testing.assert_allclose(float(loss), float(ce + 0.3 * mtp_ce + 0.375 + 0.5), rtol=1e-6)
     denoms = target_counts(segment_ids, with_mtp=True)
     halves = [batch_loss(logits[i::2], {k: v[i::2] if k == "mtp_logits" else v
                                          for k, v in aux.items()},
-                         {k: v[i::2] for k, v in batch.items()}, 0.3, denoms, 0.5)
+                         {k: v[i::2] for k, v in batch.items()}, 0.3, denoms, 0.5, extra)
               for i in range(2)]
     np.testing.assert_allclose(float(halves[0][0] + halves[1][0]), float(loss), rtol=1e-6)
     summed = jax.tree.map(jnp.add, halves[0][1], halves[1][1])
-    np.testing.assert_allclose(float(loss_metrics(summed, 0.3)["loss"]), float(loss), rtol=1e-6)
+    np.testing.assert_allclose(float(loss_metrics(summed, 0.3, extra)["loss"]), float(loss),
+                               rtol=1e-6)
 
 # ------------------------------------------------------------------------------- optimizer
 

@@ -12,7 +12,7 @@ import moejax
 from moejax.config import load_config, resolve
 from moejax.eval.generate import generate
 from moejax.config.v4 import V4Config
-from moejax.plan import plan_v4
+from moejax.model.v4.plan import plan_v4
 from moejax.train import checkpoint, flops_per_token, make_setup, train_and_evaluate
 from moejax.train.optimizer import decay_mask
 

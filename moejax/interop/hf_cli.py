@@ -1,8 +1,8 @@
 """`python -m moejax.interop {import,export}`: HF folders <-> moejax training workdirs.
 
-DeepSeek-V3 and DeepSeek-V4 alike: import dispatches on config.json's `model_type`
-(`deepseek_v4` -> hf_v4.load, else hf.load), export on the checkpoint's
-`model.architecture` (`deepseek_v4` -> hf_v4.save with the frozen hash tables, else hf.save).
+DeepSeek-V3 and DeepSeek-V4 alike: import picks the converter by config.json's
+`model_type` (`LOADERS`), export by the `hf_model_type` of the checkpoint's architecture
+(`moejax.model.build.Architecture`; `SAVERS`), V4's frozen hash tables included.
 
     import --hf-dir DIR --workdir W [--dtype float32]
         Loads DIR (hf.load), writes W/imported_config.py (the moejax config of the model,
@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 
 from moejax import data as moedata
 from moejax.config import resolve
-from moejax.interop import hf, hf_v4
+from moejax.interop import hf, hf_config, hf_v4, hf_v4_config
+from moejax.model.build import architecture_of
 from moejax.sharding import make_mesh, use_mesh
 from moejax.train import checkpoint
 from moejax.train.state import FROZEN, TrainState, make_setup
@@ -52,14 +53,28 @@ def _mesh_over_all_devices(cfg: ml_collections.ConfigDict) -> None:
     cfg.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
 
 
-def load_any(hf_dir: str, dtype: str = "float32") -> tuple[ml_collections.ConfigDict, dict]:
-    """(moejax ConfigDict, variables) of a DeepSeek-V3 or -V4 HF folder (by model_type)."""
-    if hf.read_config(hf_dir).get("model_type") != "deepseek_v4":
-        return hf.load(hf_dir, dtype=dtype)
+def _load_v3(hf_dir: str, dtype: str) -> tuple[ml_collections.ConfigDict, dict]:
+    return hf.load(hf_dir, dtype=dtype)
+
+
+def _load_v4(hf_dir: str, dtype: str) -> tuple[ml_collections.ConfigDict, dict]:
     model, variables = hf_v4.load(hf_dir, param_dtype=dtype)
     tokenizer = pathlib.Path(hf_dir) / "tokenizer.json"
     return hf.config_dict(model, str(tokenizer.absolute()) if tokenizer.is_file()
                           else "byte"), variables
+
+
+# HF model_type -> (HF folder, dtype) -> (moejax ConfigDict, variables); any other
+# model_type goes to hf.load, whose error names the types it reads.
+LOADERS = {hf_config.MODEL_TYPE: _load_v3, hf_v4_config.MODEL_TYPE: _load_v4}
+# HF model_type -> save(model config, variables, out_dir, dtype).
+SAVERS = {hf_config.MODEL_TYPE: hf.save, hf_v4_config.MODEL_TYPE: hf_v4.save}
+
+
+def load_any(hf_dir: str, dtype: str = "float32") -> tuple[ml_collections.ConfigDict, dict]:
+    """(moejax ConfigDict, variables) of a DeepSeek-V3 or -V4 HF folder (by model_type)."""
+    model_type = hf.read_config(hf_dir).get("model_type")
+    return LOADERS.get(model_type, _load_v3)(hf_dir, dtype)
 
 
 def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> pathlib.Path:
@@ -113,10 +128,7 @@ def export_checkpoint(workdir: str, out_dir: str, dtype: str | None = None,
                 state=ocp.args.StandardRestore(setup.abstract)))["state"]
     variables = {"params": state.params, "moe_bias": state.moe_bias,
                  **getattr(state, "frozen", {})}
-    if getattr(cfg.model, "architecture", "transformer") == "deepseek_v4":
-        hf_v4.save(cfg.model, variables, out_dir, dtype)
-    else:
-        hf.save(cfg.model, variables, out_dir, dtype)
+    SAVERS[architecture_of(cfg.model).hf_model_type](cfg.model, variables, out_dir, dtype)
     return step
 
 

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax import data as moedata
 from moejax.config import Config
+from moejax.model.build import architecture_of
 from moejax.train.state import TrainSetup, TrainState
 from moejax.train.loss import batch_loss, target_mask
 from moejax.train.step import batch_sharding, global_batch
@@ -30,10 +31,12 @@ def make_heldout_step(setup: TrainSetup, batch_size: int, seq_len: int
                       ) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Jitted (state, batch) -> the batch's `loss.batch_loss` statistics: summed target
     NLL `nll` (nats), target count `count`, and the MoE statistics (`expert_load`, ...)."""
+    extra = architecture_of(setup.model.cfg).extra_losses
+
     def step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         logits, aux = setup.model.apply(state.variables(), batch["tokens"],
                                         batch["segment_ids"], batch["positions"])
-        return batch_loss(logits, aux, batch, weight_mtp=0.0)[1]
+        return batch_loss(logits, aux, batch, weight_mtp=0.0, extra_losses=extra)[1]
 
     return jax.jit(step, in_shardings=(setup.shardings,
                                        batch_sharding(setup.mesh, batch_size, seq_len)),

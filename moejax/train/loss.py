@@ -9,13 +9,13 @@ and padding (segment 0) is never a target:
     mtp_cross_entropy = the same for the MTP head's token t+2                 (offset 2)
     loss = cross_entropy + mtp_weight * mtp_cross_entropy
            + aux["moe_loss"] + aux["mtp_moe_loss"]    (weighted balance / z-losses)
-           + aux["indexer_loss"]                      (DeepSeek-V4 lightning-indexer KL)
+           + the architecture's extra losses, e.g. aux["indexer_loss"] (DeepSeek-V4's
+             lightning-indexer KL, `Architecture.extra_losses`; already weighted)
 
 The MTP terms exist when the model returned `mtp_logits` (model.mtp.depth > 0 and
-`with_mtp=True`, DeepSeek-V3 section 2.2); the indexer term when the model returned
-`indexer_loss`. `total_loss` is the only place the terms are summed; `batch_loss` (the
-differentiated loss of one micro-batch, and the held-out loss) and `loss_metrics` (the
-logged values of a whole step) both go through it.
+`with_mtp=True`, DeepSeek-V3 section 2.2). `total_loss` is the only place the terms are
+summed; `batch_loss` (the differentiated loss of one micro-batch, and the held-out loss)
+and `loss_metrics` (the logged values of a whole step) both go through it.
 
 All cross-entropy goes through `token_nll(logits, targets, mask)`, the one function to
 replace for another cross-entropy kernel (chunked, vocabulary-sharded).
@@ -23,6 +23,7 @@ replace for another cross-entropy kernel (chunked, vocabulary-sharded).
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,22 +87,22 @@ def target_counts(segment_ids: jax.Array, with_mtp: bool) -> Denominators:
 
 
 def total_loss(cross_entropy: jax.Array, moe_loss: jax.Array, mtp_cross_entropy: jax.Array,
-               indexer_loss: jax.Array, weight_mtp: float) -> jax.Array:
+               extra: Sequence[jax.Array], weight_mtp: float) -> jax.Array:
     """The one sum of the loss terms (see the module docstring)."""
-    return cross_entropy + weight_mtp * mtp_cross_entropy + moe_loss + indexer_loss
+    return cross_entropy + weight_mtp * mtp_cross_entropy + moe_loss + sum(extra)
 
 
 def batch_loss(logits: jax.Array, aux: dict[str, jax.Array], batch: Batch, weight_mtp: float,
-               denominators: Denominators | None = None, share: float = 1.0
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+               denominators: Denominators | None = None, share: float = 1.0,
+               extra_losses: Sequence[str] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, statistics) of one batch from the model's outputs.
 
     `denominators` are the whole batch's target counts when this batch is one micro-batch
     of it (default: this batch's own); `share` (1 / number of micro-batches) scales the
     per-batch means (MoE and indexer losses, MoE statistics), so that summing the losses
     and statistics of the micro-batches gives the whole batch's. Statistics: `nll`,
-    `count` (and `mtp_nll`, `mtp_count`) sums, `moe_loss`, `indexer_loss` and the
-    `MOE_STATS` present in aux, scaled by `share`; `loss_metrics` turns their sums into the
+    `count` (and `mtp_nll`, `mtp_count`) sums, `moe_loss`, the `extra_losses` (aux
+    entries, e.g. `indexer_loss`) and the `MOE_STATS` present in aux, scaled by `share`; `loss_metrics` turns their sums into the
     logged metrics.
     """
     tokens, segment_ids = batch["tokens"], batch["segment_ids"]
@@ -119,16 +120,16 @@ def batch_loss(logits: jax.Array, aux: dict[str, jax.Array], batch: Batch, weigh
         mtp_nll, mtp_count = shifted_nll(aux["mtp_logits"], tokens, segment_ids, 2)
         stats.update(mtp_nll=mtp_nll, mtp_count=mtp_count)
         mtp_ce = mtp_nll / denominators.mtp_count
-    if "indexer_loss" in aux:
-        stats["indexer_loss"] = aux["indexer_loss"] * share
+    stats.update({name: aux[name] * share for name in extra_losses})
     loss = total_loss(nll / denominators.count, stats["moe_loss"], mtp_ce,
-                      stats.get("indexer_loss", zero), weight_mtp)
+                      [stats[name] for name in extra_losses], weight_mtp)
     return loss, stats
 
 
-def loss_metrics(stats: dict[str, jax.Array], weight_mtp: float) -> dict[str, jax.Array]:
+def loss_metrics(stats: dict[str, jax.Array], weight_mtp: float,
+                 extra_losses: Sequence[str] = ()) -> dict[str, jax.Array]:
     """Logged loss metrics from a batch's summed `batch_loss` statistics: `loss`,
-    `cross_entropy`, `target_tokens` [, `mtp_cross_entropy`, `indexer_loss`, `moe/*`]."""
+    `cross_entropy`, `target_tokens` [, `mtp_cross_entropy`, the extra losses, `moe/*`]."""
     zero = jnp.zeros((), jnp.float32)
     ce = stats["nll"] / jnp.maximum(stats["count"], 1.0)
     metrics = {"cross_entropy": ce, "target_tokens": stats["count"]}
@@ -136,10 +137,9 @@ def loss_metrics(stats: dict[str, jax.Array], weight_mtp: float) -> dict[str, ja
     if "mtp_nll" in stats:
         mtp_ce = stats["mtp_nll"] / jnp.maximum(stats["mtp_count"], 1.0)
         metrics["mtp_cross_entropy"] = mtp_ce
-    if "indexer_loss" in stats:
-        metrics["indexer_loss"] = stats["indexer_loss"]
+    metrics.update({name: stats[name] for name in extra_losses})
     metrics["loss"] = total_loss(ce, stats["moe_loss"], mtp_ce,
-                                 stats.get("indexer_loss", zero), weight_mtp)
+                                 [stats[name] for name in extra_losses], weight_mtp)
     if "expert_load" in stats:
         load = stats["expert_load"]
         metrics.update({

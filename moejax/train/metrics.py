@@ -33,8 +33,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from moejax.config import AnyModelConfig, ModelConfig
-from moejax.plan import plan_v4
+from moejax.config import AnyModelConfig
+from moejax.model.build import architecture_of
 
 # Dense bf16 peak FLOP/s per chip, matched against `device.device_kind` (first hit wins,
 # so more specific names come first). Sources: Google Cloud TPU and NVIDIA data sheets
@@ -56,50 +56,11 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 CPU_PEAK_FLOPS = 1e11
 
 
-def active_params_per_token(m: ModelConfig) -> dict[str, int]:
-    """Matrix parameters a token passes through per layer kind (for FLOP estimates)."""
-    attn = m.embed_dim * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
-    if m.attention_type == "mla":  # q (low-rank or plain), kv down/up, out projections
-        a, d, h = m.mla, m.embed_dim, m.num_heads
-        qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-        attn = (d * a.q_lora_rank + a.q_lora_rank * h * qk if a.q_lora_rank else d * h * qk)
-        attn += d * (a.kv_lora_rank + a.qk_rope_head_dim) + h * a.v_head_dim * d
-        attn += a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
-    dense = 3 * m.embed_dim * m.mlp_hidden
-    moe = 3 * m.embed_dim * m.moe.expert_hidden * (m.moe.top_k + m.moe.num_shared_experts)
-    router = m.embed_dim * m.moe.num_experts
-    return {"attention": attn, "dense_ffn": dense, "moe_ffn": moe + router,
-            "head": m.embed_dim * m.vocab_size}
-
-
 def flops_per_token(m: AnyModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * N_active + 12 * num_layers * seq_len * H * K.
-
-    A DeepSeek-V4 model (architecture "deepseek_v4") takes the figure of `moejax.plan`,
-    which counts its compressed-attention keys per layer type (see that module).
-
-    N_active counts the matmul weights one token passes through (attention projections of
-    every layer, the dense FFNs, the top_k routed + shared experts and the router of every
-    MoE layer, and the LM head; the embedding lookup is not a matmul). Each weight costs 2
-    FLOPs forward and 4 backward, hence 6. The attention term is the score and value
-    matmuls, QK^T and AV, 2 * 2 * seq_len * H * K per token and layer forward, times 3 with
-    the backward pass; causal masking is not discounted (the PaLM convention). For MLA the
-    two K are the query/key dims (qk_nope + qk_rope) and the value dims (v_head_dim), as
-    in `moejax.plan` (model.head_dim is unused by MLA).
-    """
-    if m.architecture == "deepseek_v4":
-        return float(plan_v4(m, seq_len)["flops_per_token"])
-    per_layer = active_params_per_token(m)
-    n_active = (m.num_layers * per_layer["attention"]
-                + m.num_dense_layers * per_layer["dense_ffn"]
-                + m.num_moe_layers * per_layer["moe_ffn"]
-                + per_layer["head"])
-    if getattr(m, "attention_type", "gqa") == "mla":  # QK^T over nope + rope dims, AV over v
-        per_head = m.mla.qk_nope_head_dim + m.mla.qk_rope_head_dim + m.mla.v_head_dim
-    else:
-        per_head = 2 * m.head_dim
-    attention = 6 * m.num_layers * seq_len * m.num_heads * per_head
-    return float(6 * n_active + attention)
+    """Training (forward + backward) FLOPs per token at `seq_len`: the model architecture's
+    figure (`moejax.model.build.Architecture.flops_per_token`; for `Transformer`
+    6 * N_active + the attention matmuls, see `moejax.model.counting`)."""
+    return float(architecture_of(m).flops_per_token(m, seq_len))
 
 
 def peak_flops_per_device(device: Any = None, override: float = 0.0) -> float:

@@ -25,9 +25,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax.config import Config
-from moejax.model.build import build_model
+from moejax.model.build import FROZEN_COLLECTIONS, build_model
 from moejax.model.moe.router import BIAS_COLLECTION
-from moejax.model.v4.moe import HASH_COLLECTION
 from moejax.sharding import param_shardings
 from moejax.train.optimizer import make_optimizer
 
@@ -46,8 +45,9 @@ class TrainState:
         return model_variables(self.params, self.moe_bias, self.frozen)
 
 
-# Variable collections that are part of the model but never change after init.
-FROZEN = (HASH_COLLECTION,)
+# Variable collections that are part of a model but never change after init (every
+# architecture's `frozen_collections`; a model holds those of its own architecture).
+FROZEN = FROZEN_COLLECTIONS
 
 
 def model_variables(params: Any, moe_bias: Any, frozen: Any = None) -> dict[str, Any]:

@@ -9,7 +9,8 @@ the whole batch's target count, so the summed gradient is the full batch's gradi
 whatever the split; the MoE losses (already means) are averaged over micro-batches
 (`loss.batch_loss` with the whole batch's `target_counts` and share 1/M).
 One call is one optimizer step. After the optax update, the router balance biases move
-by `update_balance_bias(bias, expert_load, model.moe.bias_update_rate)` with the step's
+by `update_balance_bias(bias, expert_load, rate)` (the rates of the model's
+`Architecture.bias_update_rates`) with the step's
 expert load (the mean over micro-batches), each bias variable with its own load
 (`BIAS_LOADS`); they never see a gradient.
 """
@@ -24,6 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax.config import Config
+from moejax.model.build import architecture_of
 from moejax.model.moe.router import update_balance_bias
 from moejax.sharding import logical_to_spec
 from moejax.train.loss import (Denominators, batch_loss, loss_metrics, mtp_depth, mtp_weight,
@@ -64,7 +66,8 @@ def _micro_loss(setup: TrainSetup, cfg: Config, p: Any, fixed: Any, mb: Batch,
     logits, aux = setup.model.apply({"params": p, **fixed}, mb["tokens"],
                                     mb["segment_ids"], mb["positions"],
                                     rngs={"dropout": rng}, **kwargs)
-    return batch_loss(logits, aux, mb, mtp_weight(cfg), denoms, 1.0 / num_micro)
+    return batch_loss(logits, aux, mb, mtp_weight(cfg), denoms, 1.0 / num_micro,
+                      architecture_of(cfg.model).extra_losses)
 
 
 def _micro_grads(setup: TrainSetup, cfg: Config, params: Any, fixed: Any, mb: Batch,
@@ -112,21 +115,11 @@ def _row_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
                                                mesh=mesh))
 
 
-def bias_update_rates(cfg: Config) -> dict[str, Any]:
-    """moe_bias variable -> its update rate: a scalar, or [L, 1] rows for DeepSeek-V4,
-    whose hash-routed layers never read their bias row (it stays 0, as in checkpoints)."""
-    rate = cfg.model.moe.bias_update_rate
-    rates: dict[str, Any] = {name: rate for name in BIAS_LOADS}
-    if cfg.model.architecture == "deepseek_v4":
-        learned = [not cfg.model.is_hash(layer) for layer in range(cfg.model.num_layers)]
-        rates["bias"] = rate * jnp.asarray(learned, jnp.float32)[:, None]
-    return rates
-
-
 def train_step_fn(setup: TrainSetup, cfg: Config
                   ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
     """The pure step: (state, batch, seed_key) -> (next state, metrics of this step)."""
-    rates = bias_update_rates(cfg)
+    arch = architecture_of(cfg.model)
+    rates = arch.bias_update_rates(cfg.model)
     weight_mtp = mtp_weight(cfg)
 
     def step(state: TrainState, batch: Batch, seed_key: jax.Array
@@ -139,7 +132,7 @@ def train_step_fn(setup: TrainSetup, cfg: Config
         moe_bias = {name: update_balance_bias(bias, stats[BIAS_LOADS[name]], rates[name])
                     for name, bias in state.moe_bias.items()}
         lr = jnp.asarray(setup.schedule(state.step), jnp.float32)
-        metrics = {**loss_metrics(stats, weight_mtp), "grad_norm": optax.tree.norm(grads),
+        metrics = {**loss_metrics(stats, weight_mtp, arch.extra_losses), "grad_norm": optax.tree.norm(grads),
                    "learning_rate": lr}
         if "expert_load" in stats:
             metrics["moe/bias_norm"] = optax.tree.norm(moe_bias)

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from moejax.model.layers import MLP, normal_init
 from moejax.model.moe.layer import routed_experts
 from moejax.model.moe.router import Routing, routing_stats, select_experts
-from moejax.config.v4 import V4MoEConfig
+from moejax.config.v4 import V4Config, V4MoEConfig
+from moejax.model.mtp import MTP_BIAS
 from moejax.sharding import constrain
 
 DType = Any
@@ -119,3 +120,11 @@ class V4MoE(nn.Module):
         stats = routing_stats(routing, mask)
         stats["dropped_fraction"] = dropped / jnp.maximum(mask.sum() * cfg.top_k, 1)
         return constrain(y, ("act_batch", "act_length", "act_embed")), stats
+
+
+def bias_update_rates(cfg: V4Config) -> dict[str, Any]:
+    """moe_bias variable -> update rate: the main model's `bias` gets [L, 1] rows, 0 on
+    hash-routed layers (they never read their row, which stays 0 as in checkpoints)."""
+    rate = cfg.moe.bias_update_rate
+    learned = [not cfg.is_hash(layer) for layer in range(cfg.num_layers)]
+    return {"bias": rate * jnp.asarray(learned, jnp.float32)[:, None], MTP_BIAS: rate}
