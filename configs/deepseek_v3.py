@@ -71,7 +71,7 @@ def _model(full: bool) -> ml_collections.ConfigDict:
     moe.capacity_factor = 1.25 if full else 1.5  # DeepSeek trains dropless (0 = no drops)
     moe.dispatch = "index"  # gather/scatter dispatch
     moe.group_size = 512  # tokens per dispatch group
-    moe.expert_parallel = "gspmd"  # or "shard_map": explicit expert-parallel transport
+    moe.expert_parallel = "auto"  # shard_map for dropless on >1 device, else gspmd; or either
     moe.expert_transport = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto"
     moe.dropless_backend = "auto"  # dropless experts: ragged_dot (gpu/tpu), bulk (cpu), loop
     moe.balance_loss_coef = 1e-4  # paper: sequence-wise balance loss alpha = 0.0001

@@ -16,11 +16,12 @@ from jax.sharding import PartitionSpec
 import moejax.model.moe.parallel.shard_map as ep
 from moejax.config import MeshConfig, MoEConfig, resolve
 from moejax.model.moe.capacity import DISPATCH
+from moejax.model.moe.execution import resolve_execution
 from moejax.model.moe.layer import MoE
 from moejax.model.moe.parallel.ragged_exchange import (ExchangePlan, emulated_ragged_all_to_all,
                                           exchange_plans)
 from moejax.model.moe.router import select_experts
-from moejax.sharding import make_mesh, use_mesh
+from moejax.sharding import active_mesh, make_mesh, use_mesh
 
 G, S, D, E, F, T = 8, 8, 8, 8, 4, 2
 MESHES = {"data4_expert2": (4, 2, 1), "data2_expert4": (2, 4, 1), "expert8": (1, 8, 1),
@@ -195,21 +196,49 @@ def test_moe_module_shard_map_equals_gspmd():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _select(dispatch: str, expert_parallel: str = "auto", transport: str = "auto",
+            backend: str = "auto"):
+    mesh = active_mesh()
+    return ep.select_dispatch(
+        resolve_execution(dispatch, expert_parallel, transport, backend, mesh), mesh)
+
+
 def test_without_a_mesh_the_layer_falls_back_to_its_dispatch():
-    assert ep.select_dispatch("index", "shard_map") is DISPATCH["index"]
+    assert _select("index", "shard_map") is DISPATCH["index"]
     with use_mesh(make_mesh(MeshConfig(data=8))):
-        assert ep.select_dispatch("index", "gspmd") is DISPATCH["index"]
-        assert ep.select_dispatch("index", "shard_map").func is ep.expert_parallel_dispatch
+        assert _select("index", "gspmd") is DISPATCH["index"]
+        assert _select("index", "auto") is DISPATCH["index"]
+        assert _select("index", "shard_map").func is ep.expert_parallel_dispatch
 
 
 def test_dropless_backend_reaches_the_dispatch():
-    plain = ep.select_dispatch("dropless", dropless_backend="loop")
+    plain = _select("dropless", backend="loop")
     assert plain.func is DISPATCH["dropless"] and plain.keywords["backend"] == "loop"
-    assert ep.select_dispatch("dropless").keywords["backend"] is None  # "auto": by platform
+    assert _select("dropless").keywords["backend"] == "bulk"  # "auto" on CPU
     with use_mesh(make_mesh(MeshConfig(data=8))):
-        sharded = ep.select_dispatch("dropless", dropless_backend="bulk")
+        sharded = _select("dropless", backend="bulk")
         assert sharded.func is ep.expert_parallel_dispatch
         assert sharded.keywords["dropless_backend"] == "bulk"
+
+
+def test_platform_choices_are_resolved_explicitly():
+    """"auto" says what it picked; an explicit gspmd is honoured or refused, never
+    overridden; ragged picked by "auto" on an accelerator comes with a warning."""
+    mesh = make_mesh(MeshConfig(data=8))
+    auto = resolve_execution("dropless", "auto", mesh=mesh)
+    assert (auto.expert_parallel, auto.transport, auto.dropless_backend) == (
+        "shard_map", "all_gather", "bulk")
+    assert not auto.check_vma and auto.notes and not auto.warnings
+    with pytest.raises(ValueError, match=r"model\.moe\.expert_parallel='gspmd'.*'shard_map'"):
+        resolve_execution("dropless", "gspmd", mesh=mesh)
+    assert resolve_execution("index", "gspmd", mesh=mesh).expert_parallel == "gspmd"
+    one = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    assert resolve_execution("dropless", "gspmd", mesh=one).expert_parallel == "gspmd"
+    gpu = resolve_execution("index", "shard_map", mesh=mesh, platform="gpu")
+    assert gpu.transport == "ragged" and "expert_transport" in gpu.warnings[0]
+    assert resolve_execution("index", "shard_map", "all_gather", mesh=mesh,
+                             platform="gpu").warnings == ()
+    assert resolve_execution("index", "shard_map", mesh=mesh).check_vma
 
 
 @pytest.mark.parametrize("overrides,field", [

@@ -10,7 +10,7 @@ from moejax.model.v4.hyper import HyperConnection, sinkhorn
 from moejax.config.v4 import V4Config, V4MoEConfig, v4_config
 from moejax.model.layers import clamped_swiglu
 from moejax.model.moe.capacity import DISPATCH
-from moejax.model.v4.moe import V4Router, random_tid2eid, sqrtsoftplus
+from moejax.model.v4.moe import V4Router, random_tid2eid
 
 # ----------------------------------------------------------------------------- mHC
 
@@ -72,7 +72,7 @@ def test_hash_routing_uses_the_table_and_ignores_the_bias():
     assert "tid2eid" not in variables["params"]
     routing = jax.jit(router.apply)(variables, x, jnp.full(8, 100.0).at[3].set(-100.0), tokens)
     np.testing.assert_array_equal(routing.indices, table[tokens])
-    scores = sqrtsoftplus(x @ variables["params"]["kernel"].value)
+    scores = jnp.sqrt(jax.nn.softplus(x @ variables["params"]["kernel"].value))
     w = jnp.take_along_axis(scores, table[tokens], -1)
     np.testing.assert_allclose(routing.weights, 1.5 * w / w.sum(-1, keepdims=True), rtol=1e-5)
     learned = V4Router(cfg, is_hash=False, vocab_size=32)

@@ -5,7 +5,7 @@ without an import cycle.
 """
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DISPATCHES = ("dense", "einsum", "index", "dropless")
-EXPERT_PARALLEL = ("gspmd", "shard_map")  # who moves tokens to experts (see MoEConfig)
+EXPERT_PARALLEL = ("auto", "gspmd", "shard_map")  # who moves tokens to experts (see MoEConfig)
 EXPERT_TRANSPORTS = ("auto", "all_gather", "ragged")  # shard_map transports
 # how dropless runs its experts: "auto" = "ragged_dot" on GPU/TPU, "bulk" on CPU (dropless.py)
 DROPLESS_BACKENDS = ("auto", "bulk", "loop", "ragged_dot")

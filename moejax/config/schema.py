@@ -55,13 +55,15 @@ class MoEConfig:
     num_groups: int = 1  # expert groups for group-limited routing (1 = off)
     top_groups: int = 1  # groups kept per token in group-limited routing
     capacity_factor: float = 1.25  # C = ceil(cf * tokens_per_group * T / E); <= 0 = no drops
-    # "dropless" (sorted, never drops; on a multi-device mesh use expert_parallel="shard_map":
-    # under GSPMD its global sort gathers every pair), "index" (gather into capacity
+    # "dropless" (sorted, never drops; on a multi-device mesh it needs expert_parallel
+    # "shard_map" or "auto": GSPMD cannot shard its sort), "index" (gather into capacity
     # buffers, GSPMD-sharded), "einsum" (GShard one-hots), "dense" (oracle)
     dispatch: str = "dropless"
     group_size: int = 512  # tokens per dispatch group (capacity is per group)
     dropless_backend: str = "auto"  # dropless experts: "auto", "bulk", "loop", "ragged_dot"
-    expert_parallel: str = "gspmd"  # "gspmd" (GSPMD all-to-all) or "shard_map" (expert_parallel.py)
+    # "gspmd" (GSPMD all-to-all), "shard_map" (explicit transport, moe/parallel/), "auto":
+    # shard_map for dropless on a multi-device mesh, else gspmd (model/moe/execution.py)
+    expert_parallel: str = "auto"
     expert_transport: str = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto" by platform
     balance_loss_coef: float = 0.0  # sequence-wise balance loss coefficient (0 disables)
     z_loss_coef: float = 0.0  # router z-loss coefficient (0 disables)
@@ -238,7 +240,7 @@ def validate_moe(e: MoEConfig) -> None:
     _choice("model.moe.expert_parallel", e.expert_parallel, EXPERT_PARALLEL)
     _choice("model.moe.expert_transport", e.expert_transport, EXPERT_TRANSPORTS)
     _choice("model.moe.dropless_backend", e.dropless_backend, DROPLESS_BACKENDS)
-    _check(e.expert_parallel == "gspmd" or e.dispatch in ("index", "dropless"),
+    _check(e.expert_parallel != "shard_map" or e.dispatch in ("index", "dropless"),
            "model.moe.dispatch", e.dispatch, "model.moe.expert_parallel='shard_map' runs "
            "'index' or 'dropless' per expert shard; pick one, or expert_parallel='gspmd'.")
     _check(e.group_size > 0, "model.moe.group_size", e.group_size, "must be > 0.")

@@ -67,7 +67,7 @@ class V4MoEConfig:
     capacity_factor: float = 0.0  # C = ceil(cf * S * k / E); <= 0 = no drops
     group_size: int = 512  # tokens per dispatch group (capacity is per group)
     dropless_backend: str = "auto"  # dropless experts: "auto", "bulk", "loop", "ragged_dot"
-    expert_parallel: str = "gspmd"  # or "shard_map" (explicit transport, expert_parallel.py)
+    expert_parallel: str = "auto"  # "gspmd", "shard_map" or "auto" (model/moe/execution.py)
     expert_transport: str = "auto"  # shard_map: "all_gather", "ragged" (gpu/tpu), "auto"
     balance_loss_coef: float = 0.0  # sequence-wise balance loss coefficient
     z_loss_coef: float = 0.0  # router z-loss coefficient
@@ -178,7 +178,7 @@ def validate_moe(e: V4MoEConfig, num_layers: int, p: str) -> None:
            e.expert_transport, f"use one of {list(EXPERT_TRANSPORTS)}.")
     _check(e.dropless_backend in DROPLESS_BACKENDS, f"{p}.dropless_backend",
            e.dropless_backend, f"use one of {list(DROPLESS_BACKENDS)}.")
-    _check(e.expert_parallel == "gspmd" or e.dispatch in ("index", "dropless"),
+    _check(e.expert_parallel != "shard_map" or e.dispatch in ("index", "dropless"),
            f"{p}.dispatch", e.dispatch, f"{p}.expert_parallel='shard_map' runs 'index' or "
            "'dropless' per expert shard; pick one, or expert_parallel='gspmd'.")
     _check(0 <= e.num_hash_layers <= num_layers, f"{p}.num_hash_layers", e.num_hash_layers,

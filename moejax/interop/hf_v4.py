@@ -133,11 +133,6 @@ def dequantized(tensors: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
         yield name, dequantize(np.asarray(value), scale)
 
 
-def merge_scales(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Dequantises every `X.weight` that has a scale tensor beside it; drops the scales."""
-    return dict(dequantized(tensors))
-
-
 # ----------------------------------------------------------------------------- import
 
 Transform = Callable[[np.ndarray, V4Config], np.ndarray]

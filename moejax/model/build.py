@@ -18,11 +18,13 @@ import flax.linen as nn
 
 from moejax.config import AnyModelConfig
 from moejax.model import counting
+from moejax.model.moe.execution import execution_of, log_execution
 from moejax.model.mtp import MTP_BIAS
 from moejax.model.transformer import Transformer
 from moejax.model.v4 import moe as v4_moe
 from moejax.model.v4.model import TransformerV4
 from moejax.model.v4.plan import plan_v4
+from moejax.sharding import active_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +93,15 @@ def architecture_of(m: Any) -> Architecture:
 
 def build_model(m: AnyModelConfig, decode: bool = False) -> nn.Module:
     """The Linen model of a model config (`moejax.Transformer`, `moejax.TransformerV4`,
-    ...); `decode` turns on the KV cache (one call per new token)."""
-    return architecture_of(m).module(m, decode)
+    ...); `decode` turns on the KV cache (one call per new token).
+
+    The MoE layers' platform choices ("auto" expert_parallel / transport / backend) are
+    resolved for the active mesh (`sharding.use_mesh`; none: one device), validated
+    (ValueError naming the field) and logged here (model/moe/execution.py)."""
+    arch = architecture_of(m)
+    if getattr(m, "num_moe_layers", 1):
+        log_execution(execution_of(m.moe, active_mesh()))
+    return arch.module(m, decode)
 
 
 def drop_free(m: AnyModelConfig) -> AnyModelConfig:

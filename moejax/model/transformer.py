@@ -26,15 +26,8 @@ from moejax.model.attention.mla import MLA
 from moejax.model.moe.layer import MoE
 from moejax.model.mtp import MTP_BIAS, MTPModule, mtp_aux, next_tokens
 from moejax.model.moe.router import balance_bias, weighted_moe_loss
+from moejax.model.remat import rematerialised
 from moejax.sharding import constrain
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_moe": jax.checkpoint_policies.save_only_these_names("attention_out", "ffn_out"),
-}
-
 
 def make_attention(cfg: ModelConfig, decode: bool, name: str = "attention") -> nn.Module:
     """The attention module selected by `cfg.attention_type` ("gqa" or "mla")."""
@@ -78,10 +71,7 @@ class DecoderBlock(nn.Module):
 
 
 def _block_class(cfg: ModelConfig) -> type[DecoderBlock]:
-    if cfg.remat_policy == "none":
-        return DecoderBlock
-    return nn.remat(DecoderBlock, policy=REMAT_POLICIES[cfg.remat_policy],
-                    prevent_cse=not cfg.scan_layers, static_argnums=())
+    return rematerialised(DecoderBlock, cfg.remat_policy, cfg.scan_layers)
 
 
 class LayerStack(nn.Module):

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from moejax.model.moe.dropless import dropless_dispatch
+from moejax.model.moe.experts import ExpertWeights, expert_swiglu
 from moejax.model.layers import clamped_swiglu
 from moejax.sharding import constrain
 
-ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up [E,D,F]; down [E,F,D]
 
 
 def capacity(group_size: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -42,13 +42,11 @@ def capacity(group_size: int, top_k: int, num_experts: int, capacity_factor: flo
 
 def run_experts(buffers: jax.Array, weights: ExpertWeights, swiglu_limit: float = 0.0
                 ) -> jax.Array:
-    """SwiGLU of every expert on its buffer: [G, E, C, D] -> [G, E, C, D]."""
-    gate, up, down = (w.astype(buffers.dtype) for w in weights)
+    """SwiGLU of every expert on its buffer: [G, E, C, D] -> [G, E, C, D] (hidden
+    activations sharded like the buffers, F over `act_mlp`)."""
     with jax.named_scope("experts"):
-        h = clamped_swiglu(jnp.einsum("GECD,EDF->GECF", buffers, gate),
-                           jnp.einsum("GECD,EDF->GECF", buffers, up), swiglu_limit)
-        h = constrain(h, ("act_group", "act_expert", None, "act_mlp"))
-        return jnp.einsum("GECF,EFD->GECD", h, down)
+        return expert_swiglu(buffers, weights, swiglu_limit,
+                             ("act_group", "act_expert", None, "act_mlp"))
 
 
 def _to_experts(buffers: jax.Array) -> jax.Array:

@@ -30,10 +30,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.model.moe.cpu.bulk_dropless import ExpertWeights, bulk_dropless_experts
+from moejax.model.moe.cpu.bulk_dropless import bulk_dropless_experts
 from moejax.model.moe.cpu.grouped_ffn import grouped_swiglu
 from moejax.model.moe.grouped_matmul import default_backend, grouped_matmul, platform_of
 from moejax.model.layers import clamped_swiglu
+from moejax.model.moe.experts import ExpertWeights
 from moejax.model.moe.row_gather import permute_rows, take_tokens
 
 EXPERT_BACKENDS = ("ragged_dot", "loop", "bulk")

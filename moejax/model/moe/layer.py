@@ -1,9 +1,9 @@
 """DeepSeekMoE feed-forward block: router + routed experts + shared experts.
 
 y = shared(x) + sum_{j in top-k} w_j expert_j(x); the routed sum goes through the dispatch
-strategy named by `MoEConfig.dispatch` (see capacity.py), or, with
-`MoEConfig.expert_parallel == "shard_map"` under an active mesh, through the explicit
-expert-parallel transport of parallel/shard_map.py.
+strategy named by `MoEConfig.dispatch` (see capacity.py), or, when expert_parallel resolves to "shard_map"
+under an active mesh (execution.py), through the explicit expert-parallel transport of
+parallel/shard_map.py.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MoEConfig
+from moejax.model.moe.execution import execution_of
 from moejax.model.moe.parallel.shard_map import select_dispatch
 from moejax.model.layers import MLP, normal_init
 from moejax.model.moe.router import Router, routing_stats
-from moejax.sharding import constrain
+from moejax.sharding import active_mesh, constrain
 
 DType = Any
 
@@ -36,9 +37,9 @@ def routed_experts(module: nn.Module, x: jax.Array, routing: Any, mask: jax.Arra
 
     Creates `module`'s stacked expert weights gate/up [E, D, F] and down [E, F, D] (init
     std `module.init_std`, dtype `module.param_dtype`), cuts x [B, L, D] into groups of
-    `cfg.group_size` tokens and runs the dispatch `cfg` selects (dispatch, expert_parallel,
-    expert_transport, dropless_backend, capacity_factor; MoEConfig and V4MoEConfig both
-    have them).
+    `cfg.group_size` tokens and runs the dispatch `cfg` selects on the active mesh
+    (execution.py resolves dispatch, expert_parallel, expert_transport, dropless_backend;
+    MoEConfig and V4MoEConfig both have them, and capacity_factor).
     Returns (y [B, L, D], dropped (token, choice) pairs).
     """
     b, length, d = x.shape
@@ -52,8 +53,8 @@ def routed_experts(module: nn.Module, x: jax.Array, routing: Any, mask: jax.Arra
     s = group_size_for(b * length, cfg.group_size)
     g = b * length // s
     grouped = constrain(x.reshape(g, s, d), ("act_batch", None, "act_embed"))
-    dispatch = select_dispatch(cfg.dispatch, cfg.expert_parallel, cfg.expert_transport,
-                               cfg.dropless_backend)
+    mesh = active_mesh()
+    dispatch = select_dispatch(execution_of(cfg, mesh), mesh)
     routed, dropped = dispatch(
         grouped, routing.indices.reshape(g, s, -1), routing.weights.reshape(g, s, -1),
         mask.reshape(g, s), weights, cfg.capacity_factor, swiglu_limit)

@@ -33,10 +33,14 @@ jax.tree_util.register_dataclass(Routing, data_fields=["indices", "weights", "sc
 
 
 def score(logits: jax.Array, score_fn: str) -> jax.Array:
+    """Router scores [..., E] from fp32 logits: softmax (DeepSeek-V2), sigmoid (V3) or
+    sqrt(softplus) (V4)."""
     if score_fn == "softmax":
         return jax.nn.softmax(logits, axis=-1)
     if score_fn == "sigmoid":
         return jax.nn.sigmoid(logits)
+    if score_fn == "sqrtsoftplus":
+        return jnp.sqrt(jax.nn.softplus(logits))
     raise ValueError(f"unknown score_fn {score_fn!r}")
 
 

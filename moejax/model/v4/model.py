@@ -36,17 +36,10 @@ from moejax.model.v4.hyper import HyperConnection, HyperHead, expand, expand_str
 from moejax.model.layers import Embed, LMHead, RMSNorm, linear, normal_init
 from moejax.model.mtp import MTP_BIAS, mtp_aux, next_tokens
 from moejax.model.moe.router import balance_bias, weighted_moe_loss
+from moejax.model.remat import rematerialised
 from moejax.model.v4.attention import V4Attention
 from moejax.config.v4 import V4Config
 from moejax.model.v4.moe import HASH_COLLECTION, V4MoE
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_moe": jax.checkpoint_policies.save_only_these_names("attention_out", "ffn_out"),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
@@ -165,10 +158,7 @@ class V4Block(nn.Module):
 
 
 def _block_class(cfg: V4Config) -> Any:
-    if cfg.remat_policy == "none":
-        return V4Block
-    return nn.remat(V4Block, policy=REMAT_POLICIES[cfg.remat_policy],
-                    prevent_cse=not cfg.scan_layers, static_argnums=())
+    return rematerialised(V4Block, cfg.remat_policy, cfg.scan_layers)
 
 
 class V4Unit(nn.Module):

@@ -25,28 +25,13 @@ import jax.numpy as jnp
 
 from moejax.model.layers import MLP, normal_init
 from moejax.model.moe.layer import routed_experts
-from moejax.model.moe.router import Routing, routing_stats, select_experts
+from moejax.model.moe.router import Routing, routing_stats, score, select_experts
 from moejax.config.v4 import V4Config, V4MoEConfig
 from moejax.model.mtp import MTP_BIAS
 from moejax.sharding import constrain
 
 DType = Any
 HASH_COLLECTION = "hash_routing"  # Linen collection of the frozen tid2eid tables
-ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up [E,D,F]; down [E,F,D]
-
-
-def sqrtsoftplus(logits: jax.Array) -> jax.Array:
-    return jnp.sqrt(jax.nn.softplus(logits))
-
-
-def v4_score(logits: jax.Array, score_fn: str) -> jax.Array:
-    if score_fn == "sqrtsoftplus":
-        return sqrtsoftplus(logits)
-    if score_fn == "sigmoid":
-        return jax.nn.sigmoid(logits)
-    if score_fn == "softmax":
-        return jax.nn.softmax(logits, axis=-1)
-    raise ValueError(f"unknown score_fn {score_fn!r}")
 
 
 def hash_routing(scores: jax.Array, table: jax.Array, tokens: jax.Array, renormalize: bool,
@@ -83,7 +68,7 @@ class V4Router(nn.Module):
         w = self.param("kernel", normal_init(self.init_std, ("embed", "expert")),
                        (x.shape[-1], cfg.num_experts), jnp.float32)
         logits = jnp.einsum("BLD,DE->BLE", x.astype(jnp.float32), w)
-        scores = v4_score(logits, cfg.score_fn)
+        scores = score(logits, cfg.score_fn)
         renorm = cfg.score_fn != "softmax"
         if self.is_hash:
             table = self.variable(

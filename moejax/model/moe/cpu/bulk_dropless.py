@@ -27,14 +27,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from moejax.model.layers import clamped_swiglu
+from moejax.model.moe.experts import ExpertWeights, expert_swiglu
 from moejax.model.moe.cpu.overflow_ffn import (Loop, loop_settings, overflow_backward,
                                        overflow_forward)
 from moejax.model.moe.row_gather import permute_rows, take_tokens
 
-ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up [E,D,F]; down [E,F,D]
 
 
 class SlotPlan(NamedTuple):
@@ -75,14 +73,6 @@ def plan_slots(order: jax.Array, sizes: jax.Array, capacity: int) -> SlotPlan:
     return SlotPlan(slot_of_pair, pair_of_slot, overflow_pairs, over)
 
 
-def batched_swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
-                   limit: float = 0.0) -> jax.Array:
-    """x [E, C, D] -> [E, C, D]: every expert's SwiGLU on its buffer, as batched matmuls."""
-    def bmm(a: jax.Array, w: jax.Array) -> jax.Array:
-        return lax.dot_general(a, w.astype(a.dtype), (((2,), (1,)), ((0,), (0,))))
-    return bmm(clamped_swiglu(bmm(x, gate), bmm(x, up), limit), down)
-
-
 def bulk_dropless_experts(x: jax.Array, order: jax.Array, sizes: jax.Array,
                           pair_weights: jax.Array, top_k: int,
                           expert_weights: ExpertWeights, limit: float = 0.0,
@@ -104,7 +94,7 @@ def _bulk(x: jax.Array, plan: SlotPlan, pair_weights: jax.Array,
     """The pairs in capacity slots: gather, batched SwiGLU, gather back, weighted sum."""
     (n, d), num_experts = x.shape, weights[0].shape[0]
     xb = take_tokens(x, plan.pair_of_slot, plan.slot_of_pair, loop.top_k)  # [E*C, D]
-    yb = batched_swiglu(xb.reshape(num_experts, -1, d), *weights, loop.limit)
+    yb = expert_swiglu(xb.reshape(num_experts, -1, d), weights, loop.limit)
     picked = permute_rows(yb.reshape(-1, d), plan.slot_of_pair, plan.pair_of_slot)
     return jnp.einsum("NTD,NT->ND", picked.reshape(n, loop.top_k, d),
                       pair_weights.reshape(n, loop.top_k).astype(x.dtype))

@@ -28,7 +28,8 @@ split (bench/README.md has the measurement).
 Transport "ragged" (GPU/TPU; emulated by all-gathers elsewhere, for tests): pairs are
 sorted by destination expert, exchanged with `jax.lax.ragged_all_to_all`, computed
 dropless (../dropless.py's grouped matmul: ragged_dot on gpu/tpu) and sent back; see
-ragged_exchange.py. "auto" picks "ragged" on gpu/tpu and "all_gather" elsewhere.
+ragged_exchange.py. "auto" picks "ragged" on gpu/tpu (logged as a warning: it has run only
+emulated) and "all_gather" elsewhere; ../execution.py resolves and logs the choice.
 
 If the token groups do not divide over the expert axis (logical_to_spec then keeps them
 whole on it), each expert shard already holds the whole group: no gather, and the final
@@ -42,35 +43,22 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from moejax.config import EXPERT_TRANSPORTS
 from moejax.model.moe.dropless import dropless_dispatch
-from moejax.model.moe.capacity import (DISPATCH, DispatchFn, ExpertWeights, assign_slots, capacity,
-                                  choice_major, combine_from_slots, gather_to_slots)
-from moejax.model.layers import clamped_swiglu
+from moejax.model.moe.capacity import (DISPATCH, DispatchFn, assign_slots, capacity,
+                                       choice_major, combine_from_slots, gather_to_slots)
+from moejax.model.moe.execution import (RAGGED_PLATFORMS, MoEExecution, resolve_execution,
+                                        vma_checked)
+from moejax.model.moe.experts import ExpertWeights, expert_swiglu
 from moejax.model.moe.parallel.ragged_exchange import ragged_shard
 from moejax.sharding import active_mesh, logical_to_spec
 
-RAGGED_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
 LOCAL_DISPATCHES = ("index", "dropless")  # what each expert shard runs on its pairs
 
 
 def resolve_transport(transport: str, mesh: Mesh) -> str:
-    """"auto" -> "ragged" where ragged_all_to_all lowers (gpu/tpu), else "all_gather"."""
-    if transport not in EXPERT_TRANSPORTS:
-        raise ValueError(f"expert transport {transport!r}: use one of {list(EXPERT_TRANSPORTS)}.")
-    if transport != "auto":
-        return transport
-    platform = mesh.devices.flat[0].platform
-    return "ragged" if platform in RAGGED_PLATFORMS else "all_gather"
-
-
-def local_swiglu(buffers: jax.Array, weights: ExpertWeights, swiglu_limit: float
-                 ) -> jax.Array:
-    """SwiGLU of the local experts on their buffers: [G, E_l, C, D] -> [G, E_l, C, D]."""
-    gate, up, down = (w.astype(buffers.dtype) for w in weights)
-    h = clamped_swiglu(jnp.einsum("GECD,EDF->GECF", buffers, gate),
-                       jnp.einsum("GECD,EDF->GECF", buffers, up), swiglu_limit)
-    return jnp.einsum("GECF,EFD->GECD", h, down)
+    """"auto" -> "ragged" where ragged_all_to_all lowers (gpu/tpu), else "all_gather"
+    (`execution.resolve_execution`, which MoE layers resolve and log at build)."""
+    return resolve_execution("index", "shard_map", transport, mesh=mesh).transport
 
 
 def local_index_experts(x: jax.Array, indices: jax.Array, weights: jax.Array,
@@ -90,7 +78,7 @@ def local_index_experts(x: jax.Array, indices: jax.Array, weights: jax.Array,
     mine = real & (local >= 0) & (local < e_local)
     slot, keep = assign_slots(jnp.where(mine, local, e_local), mine, e_local, c)
     buffers = gather_to_slots(x, slot, e_local * c, top_k)
-    y = local_swiglu(buffers.reshape(g, e_local, c, d), expert_weights, swiglu_limit)
+    y = expert_swiglu(buffers.reshape(g, e_local, c, d), expert_weights, swiglu_limit)
     return combine_from_slots(y.reshape(g, e_local * c, d), slot, weights), (mine & ~keep).sum()
 
 
@@ -188,7 +176,7 @@ def expert_parallel_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Arra
     fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, PartitionSpec(*tok[:2]),
                                                   w_in, w_in, w_out),
                        out_specs=(tok, PartitionSpec()),
-                       check_vma=not (ragged or local == "dropless"))
+                       check_vma=vma_checked("ragged" if ragged else "all_gather", local))
     return fn(x, indices, weights, mask, *expert_weights)
 
 
@@ -196,22 +184,14 @@ def _native_ragged(mesh: Mesh) -> bool:
     return mesh.devices.flat[0].platform in RAGGED_PLATFORMS
 
 
-def select_dispatch(dispatch: str, expert_parallel: str = "gspmd", transport: str = "auto",
-                    dropless_backend: str = "auto") -> DispatchFn:
-    """The dispatch function a MoE layer calls: DISPATCH[dispatch], or this file's shard_map
-    path when expert_parallel == "shard_map" and a mesh is active (`use_mesh`).
-
-    "dropless" on a multi-device mesh always takes the shard_map path: GSPMD cannot shard
-    its sort, so under "gspmd" every device would gather and sort every pair of the batch
-    (measured on 2 CPU devices: 1.5x the step time). With mesh.expert = 1 the shard_map
-    path is purely local to each batch shard (no communication). `dropless_backend`
-    ("auto": by platform) picks how dropless runs its experts (dropless.EXPERT_BACKENDS)."""
-    backend = None if dropless_backend == "auto" else dropless_backend
-    mesh = active_mesh()
-    local_dropless = dispatch == "dropless" and mesh is not None and mesh.size > 1
-    if mesh is None or (expert_parallel != "shard_map" and not local_dropless):
-        if dispatch == "dropless":
-            return functools.partial(DISPATCH[dispatch], backend=backend)
-        return DISPATCH[dispatch]
-    return functools.partial(expert_parallel_dispatch, mesh=mesh, transport=transport,
-                             local=dispatch, dropless_backend=backend)
+def select_dispatch(execution: MoEExecution, mesh: Mesh | None) -> DispatchFn:
+    """The dispatch function a MoE layer calls for a resolved `execution` (execution.py):
+    DISPATCH[dispatch] (dropless with its backend), or this file's shard_map path on
+    `mesh` when execution.expert_parallel == "shard_map"."""
+    if mesh is None or execution.expert_parallel != "shard_map":
+        if execution.dispatch == "dropless":
+            return functools.partial(DISPATCH["dropless"], backend=execution.dropless_backend)
+        return DISPATCH[execution.dispatch]
+    return functools.partial(expert_parallel_dispatch, mesh=mesh, transport=execution.transport,
+                             local=execution.dispatch,
+                             dropless_backend=execution.dropless_backend)
