@@ -151,7 +151,11 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or the path of a HuggingFace tokenizer.json
     validation_fraction: float = 0.05  # share of documents held out (by hash of their name)
     shuffle_seed: int = 0  # seed of the global shuffle
-    num_workers: int = 0  # grain worker processes (0 = in the main process)
+    num_workers: int = 0  # grain worker processes per packing stream (0 = in the main process)
+    # Packing streams making up each global batch (see moejax/data/streams.py): the batch
+    # is the same whatever the process count; a process packs only the streams holding its
+    # rows, so at scale use a multiple of the host count. Changing it changes the data.
+    streams: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +335,7 @@ def validate_data(d: DataConfig) -> None:
     _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction",
            d.validation_fraction, "must be in [0, 1).")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0.")
+    _check(d.streams >= 1, "data.streams", d.streams, "must be >= 1.")
 
 
 def validate_train(t: TrainConfig, model: AnyModelConfig) -> None:
@@ -381,6 +386,8 @@ def resolve(cfg: ml_collections.ConfigDict) -> Config:
     optimizer = dataclass_from_dict(OptimizerConfig, cfg.get("optimizer", {}), "optimizer")
     validate_data(data)
     validate_train(train, model)
+    _check(train.batch_size % data.streams == 0, "data.streams", data.streams,
+           f"must divide train.batch_size={train.batch_size} (each stream fills equal rows).")
     validate_optimizer(optimizer)
     return Config(model=model, mesh=mesh, data=data, train=train, optimizer=optimizer)
 

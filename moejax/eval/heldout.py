@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax import data as moedata
 from moejax.config import Config
+from moejax.distributed import BatchLayout
 from moejax.train.state import TrainSetup, TrainState
 from moejax.train.step import batch_sharding, target_mask, token_nll
 
@@ -50,12 +51,13 @@ class HeldOut:
         self.cfg, self.tokenizer, self.num_batches = cfg, tokenizer, num_batches
         t = cfg.train
         self.sharding = batch_sharding(setup.mesh, t.batch_size, t.seq_len)
+        self.layout = BatchLayout(self.sharding, t.batch_size, t.seq_len)
         self.step = make_heldout_step(setup, t.batch_size, t.seq_len)
 
     def batches(self) -> Any:
         t = self.cfg.train
         it = moedata.make_eval_iterator(self.cfg.data, self.tokenizer, t.seq_len, t.batch_size,
-                                        jax.process_index(), jax.process_count())
+                                        rows=self.layout.rows)
         return itertools.islice(it, self.num_batches)
 
     def target_ids(self, host_batch: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -64,11 +66,10 @@ class HeldOut:
 
     def __call__(self, state: TrainState, with_details: bool = False) -> dict[str, Any]:
         """`validation/*` metrics; with_details adds per-layer expert load and the texts."""
-        from moejax.train.loop import global_batch  # the loop imports this module
         nll = count = 0.0
         num_bytes, loads, texts = 0, [], []
         for host in self.batches():
-            out = jax.device_get(self.step(state, global_batch(host, self.sharding)))
+            out = jax.device_get(self.step(state, self.layout.to_global(host)))
             nll, count = nll + float(out["nll"]), count + float(out["count"])
             targets = self.target_ids(host)
             num_bytes += moedata.decoded_num_bytes(self.tokenizer, targets)
