@@ -75,6 +75,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     mesh.fsdp = 1  # no parameter sharding on one GPU
     mesh.expert = 1  # experts on one device
     mesh.tensor = 1  # no tensor parallelism
+    # Multi-slice jobs (TPU slices joined by the data-centre network): slices per axis;
+    # each axis above then counts the devices of one slice. One slice: all resolve to 1.
+    mesh.dcn_data = -1  # data parallelism across slices (the default)
+    mesh.dcn_fsdp = 1
+    mesh.dcn_expert = 1
+    mesh.dcn_tensor = 1
 
     cfg.data = data = ml_collections.ConfigDict()
     data.source = "builtin"  # Python stdlib sources; use text/jsonl/arrayrecord for real data

@@ -69,6 +69,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     mesh.fsdp = 1
     mesh.expert = 1
     mesh.tensor = 1
+    # Multi-slice jobs (TPU slices joined by the data-centre network): slices per axis;
+    # each axis above then counts the devices of one slice. One slice: all resolve to 1.
+    mesh.dcn_data = -1  # data parallelism across slices (the default)
+    mesh.dcn_fsdp = 1
+    mesh.dcn_expert = 1
+    mesh.dcn_tensor = 1
 
     cfg.data = data = ml_collections.ConfigDict()
     data.source = "builtin"  # Python stdlib sources (~12 MB of text), no download

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moejax.config import MESH_AXES, Config, MeshConfig, mesh_config
@@ -71,39 +72,82 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.Context
     "moejax_mesh", default=None)
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Resolves -1 to the remaining devices and checks the product equals the device count."""
-    sizes = {a: getattr(cfg, a) for a in MESH_AXES}
+def _resolve(sizes: dict[str, int], total: int, field: str, what: str) -> dict[str, int]:
+    """Replaces the one -1 in `sizes` by what is left of `total`; checks the product."""
     fixed = math.prod(s for s in sizes.values() if s != -1)
     for axis, size in sizes.items():
         if size == -1:
-            if num_devices % fixed:
-                raise ValueError(f"mesh.{axis}=-1: {num_devices} devices are not divisible by "
+            if total % fixed:
+                raise ValueError(f"mesh.{field}{axis}=-1: {total} {what} are not divisible by "
                                  f"the other axes' product {fixed}; change the mesh sizes.")
-            sizes[axis] = num_devices // fixed
-    if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"mesh {sizes} uses {math.prod(sizes.values())} devices but "
-                         f"{num_devices} are present; set one axis to -1 or fix the sizes.")
+            sizes[axis] = total // fixed
+    if math.prod(sizes.values()) != total:
+        named = {f"{field}{a}": s for a, s in sizes.items()}
+        raise ValueError(f"mesh {named} uses {math.prod(sizes.values())} {what} but {total} "
+                         f"are present; set one of them to -1 or fix the sizes.")
     return sizes
 
 
+def mesh_shapes(cfg: MeshConfig, num_devices: int, num_slices: int = 1
+                ) -> tuple[dict[str, int], dict[str, int]]:
+    """(per-slice ICI sizes, DCN sizes = slices per axis), each -1 resolved.
+
+    The devices must split into `num_slices` equal slices; the DCN sizes multiply to
+    `num_slices`, the ICI sizes to the devices of one slice.
+    """
+    if num_slices < 1 or num_devices % num_slices:
+        raise ValueError(f"{num_devices} devices do not split into {num_slices} equal slices.")
+    dcn = _resolve({a: getattr(cfg, f"dcn_{a}") for a in MESH_AXES}, num_slices,
+                   "dcn_", "slices")
+    ici = _resolve({a: getattr(cfg, a) for a in MESH_AXES}, num_devices // num_slices,
+                   "", "devices per slice" if num_slices > 1 else "devices")
+    return ici, dcn
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int, num_slices: int = 1) -> dict[str, int]:
+    """Devices per mesh axis (ICI x DCN), -1 resolved; checks they use every device."""
+    ici, dcn = mesh_shapes(cfg, num_devices, num_slices)
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def num_slices(devices: Sequence[Any]) -> int:
+    """Distinct `device.slice_index` values (1 where devices carry none: CPU, most GPUs)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(cfg: MeshConfig, devices: Sequence[Any], topology_aware: bool = False
+                ) -> np.ndarray:
+    """The devices arranged as the (data, fsdp, expert, tensor) mesh.
+
+    Several slices: `mesh_utils.create_hybrid_device_mesh` puts each slice in one block of
+    the DCN axes (mostly data), so only the axes with dcn_* > 1 cross slices. One slice:
+    `create_device_mesh` (ICI-topology-aware order) when `topology_aware`, else the
+    devices in the given order.
+    """
+    devices = list(devices)
+    slices = num_slices(devices)
+    ici, dcn = mesh_shapes(cfg, len(devices), slices)
+    ici_shape = tuple(ici[a] for a in MESH_AXES)
+    if slices > 1:
+        return mesh_utils.create_hybrid_device_mesh(ici_shape, tuple(dcn[a] for a in MESH_AXES),
+                                                    devices)
+    if topology_aware and len(devices) > 1:
+        try:
+            return mesh_utils.create_device_mesh(ici_shape, devices)
+        except Exception:  # noqa: BLE001 - fake CPU devices have no topology
+            pass
+    return np.asarray(devices).reshape(ici_shape)
+
+
 def make_mesh(cfg: MeshConfig | Config | Any, devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds the (data, fsdp, expert, tensor) mesh from the mesh section."""
+    """Builds the (data, fsdp, expert, tensor) mesh from the mesh section (see `device_grid`)."""
     if isinstance(cfg, Config):
         cfg = cfg.mesh
     elif not isinstance(cfg, MeshConfig):
         cfg = mesh_config(cfg.get("mesh", cfg) if hasattr(cfg, "get") else cfg)
     devices = list(devices if devices is not None else jax.devices())
-    sizes = mesh_shape(cfg, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    device_grid = np.asarray(devices).reshape(shape)
-    if devices == list(jax.devices()) and len(devices) > 1:
-        try:  # topology-aware order where JAX knows the interconnect
-            device_grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-        except Exception:  # noqa: BLE001 - fake CPU devices have no topology
-            pass
-    return Mesh(device_grid, MESH_AXES,
-                axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    grid = device_grid(cfg, devices, topology_aware=devices == list(jax.devices()))
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Sequence[tuple[str, MeshAxes]] = RULES,

@@ -127,10 +127,22 @@ AnyModelConfig = ModelConfig | V4Config
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    """Device mesh: each axis is (inside one slice, ICI) x (across slices, DCN) devices.
+
+    The four plain fields split the devices of one slice (a TPU slice, or all devices when
+    there is one); the `dcn_*` fields split the slices of a multi-slice job, which talk over
+    the data-centre network (MaxText's ici_* / dcn_* split). Mesh axis `a` has
+    `a * dcn_a` devices. One slice: every dcn_* resolves to 1, so single-slice configs are
+    unchanged. Several slices: by default the data axis spans them (dcn_data=-1).
+    """
     data: int = -1  # replicas of the parameters; -1 = every device not used by the others
     fsdp: int = 1  # parameters sharded, gathered per layer
     expert: int = 1  # experts split; the batch is split over it too outside the MoE
     tensor: int = 1  # heads / hidden dims split
+    dcn_data: int = -1  # slices along data; -1 = every slice not used by the other dcn_*
+    dcn_fsdp: int = 1  # slices along fsdp (parameter gathers cross the DCN: rarely wise)
+    dcn_expert: int = 1  # slices along expert (all-to-alls cross the DCN)
+    dcn_tensor: int = 1  # slices along tensor (per-layer collectives over DCN: avoid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +153,11 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or the path of a HuggingFace tokenizer.json
     validation_fraction: float = 0.05  # share of documents held out (by hash of their name)
     shuffle_seed: int = 0  # seed of the global shuffle
-    num_workers: int = 0  # grain worker processes (0 = in the main process)
+    num_workers: int = 0  # grain worker processes per packing stream (0 = in the main process)
+    # Packing streams making up each global batch (see moejax/data/streams.py): the batch
+    # is the same whatever the process count; a process packs only the streams holding its
+    # rows, so at scale use a multiple of the host count. Changing it changes the data.
+    streams: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,30 +273,39 @@ def validate_moe(e: MoEConfig) -> None:
 
 def validate_mesh(mesh: MeshConfig, model: AnyModelConfig | None = None) -> None:
     """Checks axis sizes and that the model's sharded dims divide by them."""
-    sizes = {a: getattr(mesh, a) for a in MESH_AXES}
-    for axis, size in sizes.items():
-        _check(size == -1 or size >= 1, f"mesh.{axis}", size, "use a positive size or -1.")
-    _check(list(sizes.values()).count(-1) <= 1, "mesh", sizes,
-           "at most one axis may be -1 (it takes the remaining devices).")
+    for prefix, what in (("", "devices of a slice"), ("dcn_", "slices")):
+        sizes = {f"{prefix}{a}": getattr(mesh, f"{prefix}{a}") for a in MESH_AXES}
+        for axis, size in sizes.items():
+            _check(size == -1 or size >= 1, f"mesh.{axis}", size, "use a positive size or -1.")
+        _check(list(sizes.values()).count(-1) <= 1, "mesh", sizes,
+               f"at most one of {list(sizes)} may be -1 (it takes the remaining {what}).")
     if model is None:
         return
-    if mesh.expert > 1:
-        _check(model.moe.num_experts % mesh.expert == 0, "model.moe.num_experts",
-               model.moe.num_experts, f"must be divisible by mesh.expert={mesh.expert}; "
-               "change the expert count or the expert axis size.")
-    if mesh.tensor > 1 and getattr(model.moe, "expert_parallel", "gspmd") == "shard_map":
-        _check(model.moe.expert_hidden % mesh.tensor == 0, "model.moe.expert_hidden",
-               model.moe.expert_hidden, f"must be divisible by mesh.tensor={mesh.tensor} "
-               "with model.moe.expert_parallel='shard_map' (F is split over tensor).")
-    if mesh.tensor > 1:  # MLA and V4 shard their query heads, GQA its key/value heads
+    expert, tensor = _known_size(mesh, "expert"), _known_size(mesh, "tensor")
+    if expert > 1:
+        _check(model.moe.num_experts % expert == 0, "model.moe.num_experts",
+               model.moe.num_experts, f"must be divisible by the expert axis ({expert} = "
+               "mesh.expert x mesh.dcn_expert); change the expert count or the axis sizes.")
+    if tensor > 1 and getattr(model.moe, "expert_parallel", "gspmd") == "shard_map":
+        _check(model.moe.expert_hidden % tensor == 0, "model.moe.expert_hidden",
+               model.moe.expert_hidden, f"must be divisible by the tensor axis ({tensor} = "
+               "mesh.tensor x mesh.dcn_tensor) with model.moe.expert_parallel='shard_map' "
+               "(F is split over tensor).")
+    if tensor > 1:  # MLA and V4 shard their query heads, GQA its key/value heads
         owner, heads = model, "num_kv_heads"
         if model.architecture == "deepseek_v4":
             owner, heads = model.attention, "attention.num_heads"
         elif model.attention_type == "mla":
             heads = "num_heads"
         count = getattr(owner, heads.rsplit(".", 1)[-1])
-        _check(count % mesh.tensor == 0, f"model.{heads}", count,
-               f"must be divisible by mesh.tensor={mesh.tensor}.")
+        _check(count % tensor == 0, f"model.{heads}", count,
+               f"must be divisible by the tensor axis ({tensor} = mesh.tensor x "
+               "mesh.dcn_tensor).")
+
+
+def _known_size(mesh: MeshConfig, axis: str) -> int:
+    """Devices along `axis` as far as the config alone says (-1 counts as 1)."""
+    return max(getattr(mesh, axis), 1) * max(getattr(mesh, f"dcn_{axis}"), 1)
 
 
 def model_config(section: Any) -> AnyModelConfig:
@@ -312,6 +337,7 @@ def validate_data(d: DataConfig) -> None:
     _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction",
            d.validation_fraction, "must be in [0, 1).")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0.")
+    _check(d.streams >= 1, "data.streams", d.streams, "must be >= 1.")
 
 
 def validate_train(t: TrainConfig, model: AnyModelConfig) -> None:
@@ -362,6 +388,8 @@ def resolve(cfg: ml_collections.ConfigDict) -> Config:
     optimizer = dataclass_from_dict(OptimizerConfig, cfg.get("optimizer", {}), "optimizer")
     validate_data(data)
     validate_train(train, model)
+    _check(train.batch_size % data.streams == 0, "data.streams", data.streams,
+           f"must divide train.batch_size={train.batch_size} (each stream fills equal rows).")
     validate_optimizer(optimizer)
     return Config(model=model, mesh=mesh, data=data, train=train, optimizer=optimizer)
 

@@ -6,17 +6,20 @@ Start-up (before any training work)::
     summary = check_enough_data(cfg.data, tok, cfg.train.seq_len, cfg.train.batch_size,
                                 jax.process_count())    # raises ValueError naming the fix
     train_it = make_train_iterator(cfg.data, tok, cfg.train.seq_len, cfg.train.batch_size,
-                                   jax.process_index(), jax.process_count())
-    batch = next(train_it)  # {"tokens", "segment_ids", "positions"}: int32 [B/P, L]
+                                   rows=rows)  # this process's rows of the global batch
+    batch = next(train_it)  # {"tokens", "segment_ids", "positions"}: int32 [len(rows), L]
 
-Checkpointing the train iterator with Orbax (grain's handler, grain 0.2.18)::
+The global batch at a step is the same whatever the number of processes (see
+moejax/data/streams.py); `rows` comes from the batch sharding
+(`moejax.distributed.process_rows`). Checkpointing the train iterator with Orbax::
 
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(train_it)))    # = iterator_checkpoint_args(it, False)
+        data=iterator_checkpoint_args(train_it, restore=False)))  # every stream's state
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(train_it)))  # = iterator_checkpoint_args(it, True)
+        data=iterator_checkpoint_args(train_it, restore=True)))
+    train_it.set_state(restored["data"])  # on any number of processes
     # train_it now continues with exactly the batches the saved run would have seen.
 
 Evaluation: `make_eval_iterator(...)` is one deterministic pass; build a fresh one per
@@ -29,6 +32,7 @@ from moejax.data.pipeline import (
     make_eval_iterator,
     make_train_iterator,
 )
+from moejax.data.streams import GlobalBatchIterator
 from moejax.data.sources import (
     ArrayRecordSource,
     FileDocuments,
@@ -48,7 +52,7 @@ from moejax.data.tokenizer import (
 )
 
 __all__ = [
-    "ArrayRecordSource", "ByteTokenizer", "DataSummary", "FileDocuments", "HFTokenizer",
+    "ArrayRecordSource", "ByteTokenizer", "DataSummary", "GlobalBatchIterator", "FileDocuments", "HFTokenizer",
     "JsonlSource", "Tokenizer", "builtin_source", "check_enough_data", "decoded_num_bytes",
     "iterator_checkpoint_args", "make_eval_iterator", "make_source", "make_tokenizer",
     "make_train_iterator", "stdlib_files", "text_source", "unigram_bits_per_byte",

@@ -10,20 +10,21 @@ only the last row of a finite pass has padding. Per row:
                at 0 in the next row (each piece is its own segment)
 
 Train: the document order is a global shuffle with `data.shuffle_seed`, redrawn each
-epoch (seed + epoch), repeated forever; process p of P takes positions p, p+P, p+2P, ...
-of that stream, so hosts read disjoint parts that together cover it (when P divides the
-document count, each host gets exactly 1/P of every epoch). Packing runs across epoch
-boundaries, so no token is dropped.
+epoch (seed + epoch), repeated forever, dealt into `data.streams` packing streams that
+fill each global batch in row blocks (moejax/data/streams.py). The global batch at step s
+does not depend on the number of processes: a process reads the rows its devices hold
+(`rows`, default: an equal contiguous share) from the streams that hold them. Packing runs
+across epoch boundaries, so no token is dropped.
 
 Eval: one deterministic pass over the validation split in index order. Every host packs
-the whole split and keeps its rows [p*b, (p+1)*b) of each global batch, so every host
-yields the same number of batches and the result does not depend on the host count.
+the whole split and keeps its rows of each global batch, so every host yields the same
+number of batches and the result does not depend on the host count.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import numpy as np
@@ -31,6 +32,8 @@ from grain.experimental import ConcatThenSplitIterDataset
 
 from moejax.config import DataConfig
 from moejax.data.sources import describe, make_source
+from moejax.data.streams import (GlobalBatchIterator, check_rows, contiguous_rows,
+                                 global_state, stream_dataset)
 from moejax.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -92,18 +95,19 @@ class _Pack(grain.IterDataset):
 
 
 class _HostRows:
-    """Keeps rows [p*b, (p+1)*b) of a global batch (picklable for worker processes)."""
+    """Keeps the given rows of a global batch (picklable for worker processes)."""
 
-    def __init__(self, start: int, stop: int):
-        self.start, self.stop = start, stop
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
 
     def __call__(self, batch: Batch) -> Batch:
-        return {k: v[self.start:self.stop] for k, v in batch.items()}
+        return {k: v[self.rows] for k, v in batch.items()}
 
 
 def _check_shape(data_cfg: DataConfig, seq_len: int, global_batch_size: int,
-                 process_index: int, process_count: int) -> int:
-    """Validates the batch geometry; returns the rows per host."""
+                 process_index: int, process_count: int,
+                 rows: Sequence[int] | None = None) -> np.ndarray:
+    """Validates the batch geometry; returns this process's rows of the global batch."""
     if seq_len <= 0:
         raise ValueError(f"train.seq_len={seq_len} is invalid: must be > 0.")
     if global_batch_size <= 0:
@@ -111,13 +115,18 @@ def _check_shape(data_cfg: DataConfig, seq_len: int, global_batch_size: int,
     if process_count <= 0 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index}, process_count={process_count}: "
                          "need 0 <= process_index < process_count.")
-    if global_batch_size % process_count:
-        raise ValueError(f"train.batch_size={global_batch_size} is invalid: must be divisible "
-                         f"by the number of processes ({process_count}).")
+    if global_batch_size % data_cfg.streams:
+        raise ValueError(f"data.streams={data_cfg.streams} is invalid: must divide "
+                         f"train.batch_size={global_batch_size}.")
     if not 0 <= data_cfg.shuffle_seed < 2**32:
         raise ValueError(f"data.shuffle_seed={data_cfg.shuffle_seed} is invalid: must be in "
                          "[0, 2**32).")
-    return global_batch_size // process_count
+    if rows is not None:
+        return check_rows(rows, global_batch_size)
+    if global_batch_size % process_count:
+        raise ValueError(f"train.batch_size={global_batch_size} is invalid: must be divisible "
+                         f"by the number of processes ({process_count}).")
+    return contiguous_rows(global_batch_size, process_index, process_count)
 
 
 def _finish(ds: grain.IterDataset, num_workers: int) -> grain.DatasetIterator:
@@ -131,47 +140,58 @@ def _finish(ds: grain.IterDataset, num_workers: int) -> grain.DatasetIterator:
 
 def make_train_iterator(data_cfg: DataConfig, tokenizer: Tokenizer, seq_len: int,
                         global_batch_size: int, process_index: int = 0,
-                        process_count: int = 1, *,
+                        process_count: int = 1, *, rows: Sequence[int] | None = None,
                         read_options: grain.ReadOptions | None = None,
-                       ) -> grain.DatasetIterator:
-    """Infinite, checkpointable iterator of this host's training batches.
+                       ) -> GlobalBatchIterator:
+    """Infinite, checkpointable iterator of this process's rows of the training batches.
 
-    Yields {"tokens", "segment_ids", "positions"}: int32 [global_batch_size //
-    process_count, seq_len]. The iterator has `get_state()` / `set_state()`; a restored
-    iterator continues with exactly the batches the original would have produced (save it
-    with `iterator_checkpoint_args`). With data.num_workers > 0, grain worker processes
-    each pack a slice of the stream: rows depend on the worker count (still deterministic),
-    a state restores only into the same worker count, and the caller should `close()` the
-    iterator when done.
+    Yields {"tokens", "segment_ids", "positions"}: int32 [len(rows), seq_len], the rows
+    `rows` (sorted; default: process_index's contiguous 1/process_count share) of the
+    global batch, which depends only on the data config, the tokenizer, seq_len and
+    global_batch_size. `get_state()` / `set_state()` are JSON-able (save with
+    `iterator_checkpoint_args`); a restored iterator continues with exactly the batches the
+    original would have produced, on any number of processes. With data.num_workers > 0,
+    grain worker processes each pack a slice of a stream: rows depend on the worker count
+    (still deterministic), a state restores only into the same worker count, and the
+    caller should `close()` the iterator when done.
     """
-    rows = _check_shape(data_cfg, seq_len, global_batch_size, process_index, process_count)
+    rows = _check_shape(data_cfg, seq_len, global_batch_size, process_index, process_count,
+                        rows)
+    per_stream = global_batch_size // data_cfg.streams
     source = make_source(data_cfg, "train")
-    ds = grain.MapDataset.source(source).shuffle(seed=data_cfg.shuffle_seed).repeat(None)
-    ds = ds[process_index::process_count].map(_Tokenize(tokenizer))
-    packed = _Pack(ds.to_iter_dataset(read_options or READ_OPTIONS), seq_len, tokenizer.pad_id)
-    return _finish(packed.batch(rows, drop_remainder=True), data_cfg.num_workers)
+    documents = grain.MapDataset.source(source).shuffle(seed=data_cfg.shuffle_seed)
+    documents = documents.repeat(None)
+    streams = {}
+    for s in sorted(set((rows // per_stream).tolist())):
+        ds = stream_dataset(documents, s, data_cfg.streams).map(_Tokenize(tokenizer))
+        packed = _Pack(ds.to_iter_dataset(read_options or READ_OPTIONS), seq_len,
+                       tokenizer.pad_id)
+        streams[s] = _finish(packed.batch(per_stream, drop_remainder=True),
+                             data_cfg.num_workers)
+    return GlobalBatchIterator(streams, per_stream, rows)
 
 
 def make_eval_iterator(data_cfg: DataConfig, tokenizer: Tokenizer, seq_len: int,
                        global_batch_size: int, process_index: int = 0,
-                       process_count: int = 1, *,
+                       process_count: int = 1, *, rows: Sequence[int] | None = None,
                        read_options: grain.ReadOptions | None = None,
                        ) -> grain.DatasetIterator:
     """One deterministic pass over the validation split, same batch format as training.
 
     Every host yields the same number of batches: floor(ceil(T / seq_len) /
-    global_batch_size) for T validation tokens (EOS included); tokens of the final
-    incomplete global batch are dropped. Runs in this process (reader threads only, no
+    global_batch_size) for T validation tokens (EOS included), of `rows` [len(rows),
+    seq_len] (default as in `make_train_iterator`); tokens of the final incomplete global
+    batch are dropped. Runs in this process (reader threads only, no
     data.num_workers processes), so a fresh iterator per evaluation is cheap. Raises
     ValueError when data.validation_fraction == 0 or the split is empty.
     """
-    rows = _check_shape(data_cfg, seq_len, global_batch_size, process_index, process_count)
+    rows = _check_shape(data_cfg, seq_len, global_batch_size, process_index, process_count,
+                        rows)
     source = make_source(data_cfg, "validation")
     ds = grain.MapDataset.source(source).map(_Tokenize(tokenizer))
     packed = _Pack(ds.to_iter_dataset(read_options or READ_OPTIONS), seq_len, tokenizer.pad_id)
     batched = packed.batch(global_batch_size, drop_remainder=True)
-    start = process_index * rows
-    return iter(batched.map(_HostRows(start, start + rows)))
+    return iter(batched.map(_HostRows(rows)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,10 +234,11 @@ def check_enough_data(data_cfg: DataConfig, tokenizer: Tokenizer, seq_len: int,
             f"the train split yields 0 full batches of {shape} per epoch: its {len(train)} "
             f"documents hold {train_tokens} tokens ({describe(data_cfg)}, one EOS each); add "
             "documents or lower train.batch_size / train.seq_len.")
-    if len(train) < process_count:
+    if len(train) < data_cfg.streams:
         raise ValueError(
-            f"the train split has {len(train)} documents, fewer than the {process_count} "
-            f"processes that share it ({describe(data_cfg)}); add documents.")
+            f"the train split has {len(train)} documents, fewer than the data.streams="
+            f"{data_cfg.streams} packing streams that share it ({describe(data_cfg)}); add "
+            "documents or lower data.streams.")
     if not evaluate:
         return DataSummary(len(train), train_tokens, 0, 0, 0)
     valid = make_source(data_cfg, "validation")
@@ -232,14 +253,15 @@ def check_enough_data(data_cfg: DataConfig, tokenizer: Tokenizer, seq_len: int,
     return DataSummary(len(train), train_tokens, len(valid), valid_tokens, batches)
 
 
-def iterator_checkpoint_args(iterator: grain.DatasetIterator, restore: bool):
+def iterator_checkpoint_args(iterator: GlobalBatchIterator, restore: bool):
     """Orbax args for the data iterator inside `ocp.args.Composite(..., data=...)`.
 
-    `grain.checkpoint.CheckpointSave(iterator)` writes `process_<i>-of-<n>.json` (one per
-    JAX process, from jax.process_index()); `CheckpointRestore(iterator)` calls
-    `iterator.set_state(...)` in place and returns the same iterator.
+    Save: `ocp.args.JsonSave` of every stream's state (`streams.global_state`, an
+    all-gather across processes; the primary process writes it). Restore:
+    `ocp.args.JsonRestore()`; pass the restored dict to `iterator.set_state`. One state for
+    the whole job, so a checkpoint restores on any number of processes.
     """
+    import orbax.checkpoint as ocp
     if restore:
-        return grain.checkpoint.CheckpointRestore(iterator)
-    return grain.checkpoint.CheckpointSave(iterator)
-
+        return ocp.args.JsonRestore()
+    return ocp.args.JsonSave(global_state(iterator))

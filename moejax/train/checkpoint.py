@@ -7,7 +7,8 @@ killed mid-save leaves only a temporary directory that `latest_step` ignores.
 
   state   `ocp.args.StandardSave(TrainState)`; restored with `StandardRestore` onto the
           abstract state of the *current* mesh, so a checkpoint restores onto any mesh.
-  data    the grain iterator (`moejax.data.iterator_checkpoint_args`), one JSON per process.
+  data    the data iterator's streams (`moejax.data.iterator_checkpoint_args`), one JSON
+          for the whole job, so a run resumes on any number of processes.
   config  the resolved config as JSON (`ocp.args.JsonSave`).
 
 Before a run touches a workdir that already holds checkpoints, `check_compatible` reads the
@@ -133,6 +134,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainStat
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=iterator_checkpoint_args(iterator, restore=True)))
+    iterator.set_state(restored["data"])
     return restored["state"]
 
 

@@ -18,10 +18,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax import data as moedata
 from moejax.config import Config
+from moejax.distributed import BatchLayout
 from moejax.model.build import architecture_of
-from moejax.train.state import TrainSetup, TrainState
 from moejax.train.loss import batch_loss, target_mask
-from moejax.train.step import batch_sharding, global_batch
+from moejax.train.state import TrainSetup, TrainState
+from moejax.train.step import batch_sharding
 
 Batch = dict[str, jax.Array]
 BASELINE_TRAIN_DOCUMENTS = 2000  # documents of the train split fitted by the unigram model
@@ -51,12 +52,13 @@ class HeldOut:
         self.cfg, self.tokenizer, self.num_batches = cfg, tokenizer, num_batches
         t = cfg.train
         self.sharding = batch_sharding(setup.mesh, t.batch_size, t.seq_len)
+        self.layout = BatchLayout(self.sharding, t.batch_size, t.seq_len)
         self.step = make_heldout_step(setup, t.batch_size, t.seq_len)
 
     def batches(self) -> Any:
         t = self.cfg.train
         it = moedata.make_eval_iterator(self.cfg.data, self.tokenizer, t.seq_len, t.batch_size,
-                                        jax.process_index(), jax.process_count())
+                                        rows=self.layout.rows)
         return itertools.islice(it, self.num_batches)
 
     def target_ids(self, host_batch: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -68,7 +70,7 @@ class HeldOut:
         nll = count = 0.0
         num_bytes, loads, texts = 0, [], []
         for host in self.batches():
-            out = jax.device_get(self.step(state, global_batch(host, self.sharding)))
+            out = jax.device_get(self.step(state, self.layout.to_global(host)))
             nll, count = nll + float(out["nll"]), count + float(out["count"])
             targets = self.target_ids(host)
             num_bytes += moedata.decoded_num_bytes(self.tokenizer, targets)

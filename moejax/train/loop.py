@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 
 from moejax import data as moedata
 from moejax.config import Config, resolve
+from moejax.distributed import BatchLayout
 from moejax.sharding import make_mesh, use_mesh
 from moejax.train import checkpoint
 from moejax.train.metrics import (MetricsWriter, flops_per_token, host_metrics,
                                   peak_flops_per_device, throughput)
 from moejax.train.state import TrainSetup, TrainState, init_state, make_setup, param_count
 from moejax.train.heldout import HeldOut
-from moejax.train.step import batch_sharding, global_batch, make_train_step
+from moejax.train.step import batch_sharding, make_train_step
 
 EvalHook = Callable[[TrainState, Config], Mapping[str, float]]
 
@@ -129,10 +130,11 @@ def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any, man
     t = cfg.train
     start = int(state.step)
     train_step = make_train_step(setup, cfg)
-    sharding = batch_sharding(setup.mesh, t.batch_size, t.seq_len)
+    layout = BatchLayout(batch_sharding(setup.mesh, t.batch_size, t.seq_len),
+                         t.batch_size, t.seq_len)
     seed_key = rng_keys(cfg)[1]
     for step in range(start, t.steps):
-        state, metrics = train_step(state, global_batch(next(train_it), sharding), seed_key)
+        state, metrics = train_step(state, layout.to_global(next(train_it)), seed_key)
         done = step + 1
         if _should_log(done, start, cfg):
             logger.queue(done, metrics)
@@ -176,9 +178,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
         _write_config(workdir, cfg)
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
         manager = checkpoint.make_manager(workdir, cfg.train.keep_checkpoints)
-        train_it = moedata.make_train_iterator(
-            cfg.data, tokenizer, cfg.train.seq_len, cfg.train.batch_size,
-            jax.process_index(), jax.process_count())
+        t = cfg.train
+        rows = BatchLayout(batch_sharding(mesh, t.batch_size, t.seq_len), t.batch_size,
+                           t.seq_len).rows  # this process's rows of every global batch
+        train_it = moedata.make_train_iterator(cfg.data, tokenizer, t.seq_len, t.batch_size,
+                                               rows=rows)
         bar = None
         try:
             state = _start(setup, cfg, workdir, manager, train_it)

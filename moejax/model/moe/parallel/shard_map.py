@@ -50,7 +50,7 @@ from moejax.model.moe.execution import (RAGGED_PLATFORMS, MoEExecution, resolve_
                                         vma_checked)
 from moejax.model.moe.experts import ExpertWeights, expert_swiglu
 from moejax.model.moe.parallel.ragged_exchange import ragged_shard
-from moejax.sharding import active_mesh, logical_to_spec
+from moejax.sharding import logical_to_spec
 
 LOCAL_DISPATCHES = ("index", "dropless")  # what each expert shard runs on its pairs
 
