@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -183,7 +184,8 @@ def bias_update_rates(cfg: Config) -> dict[str, Any]:
     rates: dict[str, Any] = {name: rate for name in BIAS_LOADS}
     if cfg.model.architecture == "deepseek_v4":
         learned = [not cfg.model.is_hash(layer) for layer in range(cfg.model.num_layers)]
-        rates["bias"] = rate * jnp.asarray(learned, jnp.float32)[:, None]
+        # numpy, not jnp: a host constant, so building the step allocates on no device
+        rates["bias"] = rate * np.asarray(learned, np.float32)[:, None]
     return rates
 
 
