@@ -2,6 +2,8 @@
 
     python -m moejax.plan --config configs/deepseek_v4.py:pro [--json] [--seq_len N]
     python -m moejax.plan --config configs/tiny.py
+    python -m moejax.plan --config configs/deepseek_v4.py:flash --mesh fsdp=32,expert=8 \
+        --chip v5p [--json]
 
 The model is built with `jax.eval_shape(model.init, ...)` (shapes only), so a 1.6T-parameter
 model plans on a laptop. The model section's architecture (`moejax.model.build`) does the
@@ -26,6 +28,12 @@ Reported (`--json`: one object with exactly these keys):
   min(W, seq_len) window keys + seq_len / m' entries (HCA) or min(kI, seq_len / m) entries
   (CSA), plus the CSA indexer's forward scores 2 * HI * dI * seq_len / m (no backward: its
   top-k selection blocks the gradient).
+
+With `--mesh` (axis=size pairs; axes not named are 1) the output adds `memory`
+(moejax.plan_memory): per-device bytes of parameters, optimizer state, gradients and
+activations per remat policy, from the sharded abstract train state; with `--chip` (v4,
+v5e, v5p, v6e) TPU layout padding, the chip's HBM, whether it fits and the largest
+`train.batch_size` that does.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from typing import Any
 
 from moejax.config import load_config_file
 from moejax.model.build import architecture_of
+from moejax.plan_memory import memory_plan, parse_mesh
 
 KEYS = ("total_params", "mtp_params", "active_params", "embedding_params", "flops_per_token")
 
@@ -60,14 +69,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="configs/x.py[:arg]")
     parser.add_argument("--json", action="store_true", help="one JSON object")
     parser.add_argument("--seq_len", type=int, default=None, help="default: train.seq_len")
+    parser.add_argument("--mesh", default=None, help="e.g. fsdp=32,expert=8: add memory")
+    parser.add_argument("--chip", default=None, help="v4, v5e, v5p or v6e (with --mesh)")
     args = parser.parse_args(argv)
-    result = plan(load_config_file(args.config), args.seq_len)
+    config = load_config_file(args.config)
+    result = plan(config, args.seq_len)
+    out: dict[str, Any] = {k: result[k] for k in KEYS}
+    if args.mesh is not None or args.chip is not None:
+        if args.seq_len is not None:
+            config.train.seq_len = args.seq_len
+        try:
+            out["memory"] = memory_plan(config, parse_mesh(args.mesh or ""), args.chip)
+        except ValueError as err:
+            print(f"moejax.plan: {err}", file=sys.stderr)
+            return 2
     if args.json:
-        print(json.dumps({k: result[k] for k in KEYS}))
-    else:
-        for key in KEYS:
-            print(f"{key:18s} {result[key]:>22,.0f}  ({_human(result[key])})")
+        print(json.dumps(out))
+        return 0
+    for key in KEYS:
+        print(f"{key:18s} {result[key]:>22,.0f}  ({_human(result[key])})")
+    if "memory" in out:
+        print(format_memory(out["memory"]))
     return 0
+
+
+def format_memory(m: dict[str, Any]) -> str:
+    """The memory plan as text (GiB per device)."""
+    gib = lambda n: f"{n / 2**30:10.3f} GiB"  # noqa: E731
+    mesh = " x ".join(f"{a} {s}" for a, s in m["mesh"].items())
+    lines = [f"memory per device ({m['devices']} devices: {mesh}; "
+             f"{m['rows_per_device']:g} rows per device per micro-batch"
+             + (f"; {m['chip']} layout" if m["chip"] else "") + ")",
+             f"  parameters        {gib(m['params_bytes'])}",
+             f"  optimizer state   {gib(m['optimizer_bytes'])}",
+             f"  other state       {gib(m['other_state_bytes'])}",
+             f"  gradients (fp32)  {gib(m['gradient_bytes'])}",
+             "  activations by remat policy:"]
+    for policy, size in m["activation_bytes"].items():
+        mark = "  <- model.remat_policy" if policy == m["remat_policy"] else ""
+        lines.append(f"    {policy:15s} {gib(size)}{mark}")
+    lines.append(f"  total             {gib(m['total_bytes'])}")
+    if "hbm_bytes" in m:
+        lines.append(f"  HBM               {gib(m['hbm_bytes'])}: "
+                     f"{'fits' if m['fits'] else 'does not fit'}; largest train.batch_size "
+                     f"that fits: {m['max_batch_size']:,}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

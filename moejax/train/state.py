@@ -70,8 +70,16 @@ class TrainSetup:
     init_fn: Callable[[jax.Array], TrainState]  # unjitted: rng -> TrainState
 
 
+INIT_TOKENS_SHAPE = (1, 8)  # the token batch `model.init` traces with (only its shape matters)
+
+
 def _init_tokens() -> jax.Array:
-    return jnp.zeros((1, 8), jnp.int32)
+    return jnp.zeros(INIT_TOKENS_SHAPE, jnp.int32)
+
+
+def abstract_key() -> jax.ShapeDtypeStruct:
+    """The shape and dtype of a `jax.random.key`, without creating a key on any device."""
+    return jax.eval_shape(lambda: jax.random.key(0))
 
 
 def _follow_params(abstract_opt: Any, abstract_params: Any, shardings: Any,
@@ -112,11 +120,14 @@ def make_setup(cfg: Config, mesh: Mesh) -> TrainSetup:
     """Builds model, optimizer, and the sharded abstract train state for `cfg` on `mesh`.
 
     Call inside `sharding.use_mesh(mesh)` (the model's activation constraints need it when
-    `init_fn` is traced).
+    `init_fn` is traced). Nothing is allocated: the init key and tokens are shapes only, so
+    `mesh` may be made of devices that are not attached (a TPU topology compiled for ahead
+    of time, see moejax.aot).
     """
     model = build_model(cfg.model)
-    rng = jax.random.key(0)
-    boxed = jax.eval_shape(model.init, rng, _init_tokens())
+    rng = abstract_key()
+    tokens = jax.ShapeDtypeStruct(INIT_TOKENS_SHAPE, jnp.int32)
+    boxed = jax.eval_shape(model.init, rng, tokens)
     var_shardings = param_shardings(boxed, mesh)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, boxed["params"])
 

@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moejax.model.layers import MLP, normal_init
 from moejax.model.moe.layer import routed_experts
@@ -112,4 +113,5 @@ def bias_update_rates(cfg: V4Config) -> dict[str, Any]:
     hash-routed layers (they never read their row, which stays 0 as in checkpoints)."""
     rate = cfg.moe.bias_update_rate
     learned = [not cfg.is_hash(layer) for layer in range(cfg.num_layers)]
-    return {"bias": rate * jnp.asarray(learned, jnp.float32)[:, None], MTP_BIAS: rate}
+    # numpy, not jnp: a host constant, so building the step allocates on no device
+    return {"bias": rate * np.asarray(learned, np.float32)[:, None], MTP_BIAS: rate}
