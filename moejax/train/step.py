@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from moejax.config import Config
 from moejax.model.moe.router import update_balance_bias
 from moejax.sharding import logical_to_spec
+from moejax.train.cross_entropy import head_weight, shifted_token_nll
 from moejax.train.state import TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
@@ -79,18 +80,32 @@ def _micro_loss(setup: TrainSetup, cfg: Config, p: Any, fixed: Any, mb: Batch,
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One micro-batch's share of the batch loss, and its statistics (sums or means / M)."""
     kwargs = {"with_mtp": True} if mtp_depth(cfg) else {}
-    logits, aux = setup.model.apply({"params": p, **fixed}, mb["tokens"],
-                                    mb["segment_ids"], mb["positions"],
-                                    rngs={"dropout": rng}, **kwargs)
-    nll, count = token_nll(logits, mb["tokens"], mb["segment_ids"])
+    chunk = cfg.train.loss_chunk
+    if chunk:  # the loss applies the head tile by tile (cross_entropy.py)
+        kwargs["return_hidden"] = True
+    out, aux = setup.model.apply({"params": p, **fixed}, mb["tokens"],
+                                 mb["segment_ids"], mb["positions"],
+                                 rngs={"dropout": rng}, **kwargs)
+    if chunk:
+        w = head_weight(p, getattr(cfg.model, "tie_embeddings", False), out.dtype)
+        nll, count = shifted_token_nll(out, w, mb["tokens"], target_mask(mb["segment_ids"]),
+                                       1, chunk)
+    else:
+        nll, count = token_nll(out, mb["tokens"], mb["segment_ids"])
     moe_loss = aux.get("moe_loss", jnp.zeros((), jnp.float32)) / num_micro
     indexer_loss = aux.get("indexer_loss", jnp.zeros((), jnp.float32)) / num_micro
     stats = {"nll": nll, "count": count}
     stats.update({k: aux[k] / num_micro for k in MOE_STATS if k in aux})
     loss = nll / denoms[0]
     if mtp_depth(cfg):
-        from moejax.model.mtp import mtp_token_nll
-        mtp_nll, mtp_count = mtp_token_nll(aux["mtp_logits"], mb["tokens"], mb["segment_ids"])
+        from moejax.model.mtp import mtp_target_mask, mtp_token_nll
+        if chunk:
+            mtp_nll, mtp_count = shifted_token_nll(
+                aux["mtp_hidden"], w, mb["tokens"], mtp_target_mask(mb["segment_ids"]), 2,
+                chunk)
+        else:
+            mtp_nll, mtp_count = mtp_token_nll(aux["mtp_logits"], mb["tokens"],
+                                               mb["segment_ids"])
         stats.update(mtp_nll=mtp_nll, mtp_count=mtp_count)
         loss = loss + cfg.model.mtp.loss_weight * mtp_nll / denoms[1]
         moe_loss = moe_loss + aux["mtp_moe_loss"] / num_micro
