@@ -90,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.batch_size = 16  # global batch (rows)
     train.seq_len = 256  # tokens per row
     train.micro_batches = 1  # gradient accumulation splits
+    train.loss_chunk = 0  # cross-entropy tiles of N positions (0: whole [B, L, V] logits)
     train.seed = 0  # parameter init and per-step RNG
     train.log_every = 20  # steps between metric records
     train.save_every = 100  # steps between checkpoints (plus a final one)

@@ -26,8 +26,9 @@ LOGICAL_AXES: dict[str, str] = {
     "embed": "model dimension D of a parameter",
     "heads": "attention heads (query or key/value) of a projection",
     "head_dim": "per-head dimension K",
-    "q_lora": "low-rank query latent (MLA)",
+    "q_lora": "low-rank query latent (MLA, DeepSeek-V4 attention)",
     "kv_lora": "compressed key/value latent (MLA)",
+    "o_lora": "per-group low-rank output latent (DeepSeek-V4 grouped output projection)",
     "mlp": "hidden dimension of a dense FFN",
     "expert": "routed-expert index E of an expert weight or router column",
     "expert_mlp": "hidden dimension F of a routed expert",
@@ -46,13 +47,18 @@ LOGICAL_AXES: dict[str, str] = {
 MeshAxes = str | tuple[str, ...] | None
 
 # Logical name -> mesh axis (or axes). One table for the whole model.
+# The train state (parameters, Adam moments) is split over fsdp x expert: the input dims of
+# the projections (embed, the MLA / V4 latents) ask for both; an expert weight's E dim takes
+# `expert` first (a mesh axis is used once per array), so its D dim gets fsdp alone. Leaves
+# whose rules leave one of STATE_AXES unused get it on another dim (`fill_state_axes`).
 RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),
     ("heads", "tensor"),
     ("head_dim", None),
-    ("q_lora", None),
-    ("kv_lora", None),
+    ("q_lora", ("fsdp", "expert")),
+    ("kv_lora", ("fsdp", "expert")),
+    ("o_lora", ("fsdp", "expert")),
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("expert_mlp", "tensor"),
@@ -67,6 +73,12 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("act_expert", "expert"),
     ("act_group", ("data", "fsdp")),
 )
+
+# Mesh axes every train-state leaf should be split over, and the logical dims never used
+# for that fallback (a scanned stack's layer index is sliced per step: splitting it would
+# gather the whole stack; norm scales are tiny).
+STATE_AXES: tuple[str, ...] = ("fsdp", "expert")
+NO_STATE_FALLBACK: tuple[str, ...] = ("layers", "norm")
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
     "moejax_mesh", default=None)
@@ -213,12 +225,56 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def _spec_axes(entry: MeshAxes) -> tuple[str, ...]:
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def fill_state_axes(spec: PartitionSpec, names: Sequence[str | None], shape: Sequence[int],
+                    mesh: Mesh, axes: Sequence[str] = STATE_AXES) -> PartitionSpec:
+    """Adds each of `axes` that `spec` leaves unused to a dimension it divides.
+
+    The rules map a leaf's logical names; when none of them asks for fsdp (say, a V4
+    output projection [groups, H*K/groups, o_lora] with mesh.tensor = 1, or a leaf without
+    names), that leaf would be whole on every fsdp shard and its Adam moments with it. Here
+    the axis goes to the largest dimension that it (times the axes already there) divides,
+    never to a `layers` or `norm` dimension; with no such dimension the leaf stays as is.
+    """
+    entries = [_spec_axes(e) for e in tuple(spec) + (None,) * (len(shape) - len(spec))]
+    used = {a for e in entries for a in e}
+    for axis in axes:
+        if axis in used or mesh.shape.get(axis, 1) == 1:
+            continue
+        best = None
+        for dim, size in enumerate(shape):
+            if names[dim] in NO_STATE_FALLBACK:
+                continue
+            split = math.prod(mesh.shape[a] for a in entries[dim]) * mesh.shape[axis]
+            if size % split == 0 and (best is None or size > shape[best]):
+                best = dim
+        if best is not None:
+            entries[best] = entries[best] + (axis,)
+            used.add(axis)
+    return PartitionSpec(*[None if not e else (e[0] if len(e) == 1 else e) for e in entries])
+
+
+def param_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+               rules: Sequence[tuple[str, MeshAxes]] = RULES) -> PartitionSpec:
+    """A train-state leaf's spec: its rules, then the STATE_AXES fallback."""
+    return fill_state_axes(logical_to_spec(names, rules, shape, mesh), names, shape, mesh)
+
+
 def param_shardings(abstract_variables: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, MeshAxes]] = RULES) -> Any:
-    """NamedShardings for a variables tree whose leaves are nn.Partitioned (or plain)."""
+    """NamedShardings for a variables tree whose leaves are nn.Partitioned (or plain).
+
+    Every leaf is split over fsdp x expert where its dims allow (see `fill_state_axes`);
+    unannotated leaves count as having no logical names.
+    """
     def one(leaf: Any) -> NamedSharding:
         if isinstance(leaf, nn.Partitioned):
-            spec = logical_to_spec(leaf.names, rules, leaf.value.shape, mesh)
+            spec = param_spec(leaf.names, leaf.value.shape, mesh, rules)
+        elif getattr(leaf, "shape", ()):
+            spec = param_spec((None,) * len(leaf.shape), leaf.shape, mesh, rules)
         else:
             spec = PartitionSpec()
         return NamedSharding(mesh, spec)

@@ -1,13 +1,16 @@
 """Logical axis names on every parameter; sharded forwards equal the single-device one."""
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import small_config
+from conftest import ROOT, small_config
 
 import moejax
-from moejax.sharding import LOGICAL_AXES, RULES, logical_to_spec
+from moejax.sharding import (LOGICAL_AXES, RULES, logical_names, logical_to_spec,
+                             param_spec)
 
 MESHES = [dict(data=8), dict(data=1, fsdp=8), dict(data=2, expert=4),
           dict(data=1, fsdp=2, expert=2, tensor=2)]
@@ -36,7 +39,59 @@ def test_logical_to_spec_uses_each_mesh_axis_once_and_drops_non_dividing_axes():
     spec = logical_to_spec(("act_batch", "act_group"), RULES, (8, 8), mesh)
     assert spec == jax.sharding.PartitionSpec(("data", "fsdp", "expert"), None)
     spec = logical_to_spec(("vocab", "embed"), RULES, (259, 64), mesh)
+    assert spec == jax.sharding.PartitionSpec(None, ("fsdp", "expert"))
+    spec = logical_to_spec(("vocab", "embed"), RULES, (259, 66), mesh)  # 66 % 4: fsdp only
     assert spec == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+def test_state_axes_fall_back_to_a_dimension_they_divide():
+    mesh = moejax.make_mesh(moejax.MeshConfig(data=1, fsdp=4, expert=2))
+    # no name asks for fsdp or expert: both go to the largest dim they divide, never `layers`
+    spec = param_spec(("layers", "heads", None), (64, 4, 24), mesh)
+    assert spec == jax.sharding.PartitionSpec(None, "tensor", ("fsdp", "expert"))
+    spec = param_spec((None, None), (5, 3), mesh)  # nothing divides: stays whole
+    assert spec == jax.sharding.PartitionSpec(None, None)
+
+
+# Small models whose dims all divide by fsdp x expert = 8: the MLA (DeepSeek-V3) and the
+# DeepSeek-V4 attention, MoE, hyper-connections and MTP. Left out: RMSNorm scales (logical
+# axes norm / layers only, kept whole by design: D floats per layer) and leaves below 64
+# elements (per-head sinks, 3-vector scales), which cannot split 8 ways.
+STATE_MODELS = {
+    "v3_mla": ("deepseek_v3.py", "tiny", []),
+    "v4": ("deepseek_v4.py", "tiny", []),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATE_MODELS))
+def test_every_state_leaf_is_split_over_all_devices(name):
+    from moejax.config import load_config
+    from moejax.train.state import make_setup
+    path, arg, overrides = STATE_MODELS[name]
+    cfg = moejax.resolve(load_config(f"{ROOT}/configs/{path}:{arg}",
+                                     ["mesh.data=1", "mesh.fsdp=4", "mesh.expert=2",
+                                      "optimizer.name='adamw'", *overrides]))
+    mesh = moejax.make_mesh(cfg.mesh)
+    with moejax.use_mesh(mesh, cfg):
+        setup = make_setup(cfg, mesh)
+    boxed = jax.eval_shape(setup.model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    norm_only = [jax.tree_util.keystr(p) for p, names in jax.tree_util.tree_leaves_with_path(
+        logical_names(boxed["params"]), is_leaf=lambda x: isinstance(x, tuple))
+        if set(names) <= {"norm", "layers"}]
+    trees = {"params": setup.abstract.params, "opt_state": setup.abstract.opt_state}
+    checked, offenders = 0, []
+    for label, tree in trees.items():
+        for path_, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            key = jax.tree_util.keystr(path_)
+            if leaf.size < 64 or any(key.endswith(n) for n in norm_only):
+                continue
+            checked += 1
+            shard = math.prod(leaf.sharding.shard_shape(leaf.shape))
+            if shard * mesh.size != leaf.size:
+                offenders.append(f"{label}{key} {leaf.shape} "
+                                 f"{leaf.sharding.spec}")
+    assert checked > 40
+    assert not offenders, "\n".join(offenders)
 
 
 @pytest.fixture(scope="module")

@@ -166,6 +166,8 @@ class TrainConfig:
     batch_size: int = 8  # global batch (rows of seq_len tokens)
     seq_len: int = 256  # tokens per row
     micro_batches: int = 1  # gradient accumulation: batch_size is split into this many
+    loss_chunk: int = 0  # > 0: cross-entropy over sequence tiles of this many positions,
+    # never holding [B, L, V] logits (moejax.train.cross_entropy); 0: whole logits
     seed: int = 0  # parameter init and per-step RNG (fold_in(seed, step))
     log_every: int = 10  # steps between metric writes
     save_every: int = 200  # steps between checkpoints (a final one is always written)
@@ -349,6 +351,8 @@ def validate_train(t: TrainConfig, model: AnyModelConfig) -> None:
     _check(t.seq_len <= model.max_seq_len, "train.seq_len", t.seq_len,
            f"must be <= model.max_seq_len={model.max_seq_len}.")
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0.")
+    _check(t.loss_chunk >= 0, "train.loss_chunk", t.loss_chunk,
+           "must be >= 0 (0 = whole logits, N = tiles of N positions).")
 
 
 def validate_optimizer(o: OptimizerConfig) -> None:

@@ -58,11 +58,13 @@ class MTPModule(nn.Module):
         return norm("norm")(x), stats
 
 
-def mtp_aux(logits: jax.Array, stats: dict[str, jax.Array], balance_loss_coef: float,
-            z_loss_coef: float) -> dict[str, jax.Array]:
-    """The MTP entries of a model's aux: `mtp_logits` [B, L, V] fp32, `mtp_expert_load`
-    [1, E] and `mtp_moe_loss`, from the MTP block's logits and its one layer's stats."""
+def mtp_aux(out: jax.Array, stats: dict[str, jax.Array], balance_loss_coef: float,
+            z_loss_coef: float, hidden: bool = False) -> dict[str, jax.Array]:
+    """The MTP entries of a model's aux: `mtp_logits` [B, L, V] fp32 (or, with `hidden`,
+    `mtp_hidden` [B, L, D]: the block's normalised output before the head), `mtp_expert_load`
+    [1, E] and `mtp_moe_loss`, from the MTP block's output and its one layer's stats."""
     stacked = jax.tree.map(lambda a: a[None], stats)
-    return {"mtp_logits": logits.astype(jnp.float32),
+    first = {"mtp_hidden": out} if hidden else {"mtp_logits": out.astype(jnp.float32)}
+    return {**first,
             "mtp_expert_load": stacked["expert_load"],
             "mtp_moe_loss": weighted_moe_loss(stacked, balance_loss_coef, z_loss_coef)}

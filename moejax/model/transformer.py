@@ -111,6 +111,11 @@ class Transformer(nn.Module):
     (position t predicts token t+2), `mtp_expert_load` [1, E] and `mtp_moe_loss`.
     Without `with_mtp` the MTP module is not computed.
 
+    With `return_hidden=True` the model stops before the LM head: it returns the final
+    normalised hidden states [B, L, D] (compute dtype) instead of the logits, and
+    `mtp_hidden` instead of `mtp_logits`, for a loss that applies the head itself
+    (moejax.train.cross_entropy: no [B, L, V] logits in memory).
+
     With `decode=True` attention keeps keys/values in the `cache` collection: apply with
     `mutable=["cache"]`, the prompt first, then one token at a time, passing `positions`.
     """
@@ -119,8 +124,8 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, with_mtp: bool = False
-                 ) -> tuple[jax.Array, dict[str, Any]]:
+                 positions: jax.Array | None = None, with_mtp: bool = False,
+                 return_hidden: bool = False) -> tuple[jax.Array, dict[str, Any]]:
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if segment_ids is None:
@@ -143,11 +148,11 @@ class Transformer(nn.Module):
         x = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x)
         head = embed.attend if cfg.tie_embeddings else LMHead(
             cfg.vocab_size, cfg.init_std, dtype, pdtype, name="head")
-        logits = head(x)
+        out = x if return_hidden else head(x).astype(jnp.float32)
         if cfg.mtp.depth and not self.decode and (with_mtp or self.is_initializing()):
             mtp_bias = balance_bias(self, MTP_BIAS, cfg.mtp.depth, cfg.moe.num_experts)[0]
             mtp_x, stats = MTPModule(cfg, _block_class(cfg), name="mtp")(
                 x, embed(next_tokens(tokens)), mtp_bias, segment_ids, positions)
-            aux.update(mtp_aux(head(mtp_x), stats, cfg.moe.balance_loss_coef,
-                               cfg.moe.z_loss_coef))
-        return logits.astype(jnp.float32), aux
+            aux.update(mtp_aux(mtp_x if return_hidden else head(mtp_x), stats,
+                               cfg.moe.balance_loss_coef, cfg.moe.z_loss_coef, return_hidden))
+        return out, aux

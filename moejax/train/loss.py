@@ -17,8 +17,9 @@ The MTP terms exist when the model returned `mtp_logits` (model.mtp.depth > 0 an
 summed; `batch_loss` (the differentiated loss of one micro-batch, and the held-out loss)
 and `loss_metrics` (the logged values of a whole step) both go through it.
 
-All cross-entropy goes through `token_nll(logits, targets, mask)`, the one function to
-replace for another cross-entropy kernel (chunked, vocabulary-sharded).
+All cross-entropy goes through `shifted_nll`: `token_nll(logits, targets, mask)` on whole
+logits, or with `train.loss_chunk` > 0 the tiled kernel of `moejax.train.cross_entropy`
+(the LM head applied per sequence tile, never the [B, L, V] fp32 logits).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from moejax.config import Config
+from moejax.train.cross_entropy import shifted_token_nll
 
 Batch = dict[str, jax.Array]
 # aux entries of the model carried into the statistics (means over the batch).
@@ -66,10 +68,18 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array
     return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask).astype(jnp.float32)
 
 
-def shifted_nll(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array,
-                offset: int = 1) -> tuple[jax.Array, jax.Array]:
-    """`token_nll` of predicting token t+offset at position t (logits [B, L, V])."""
-    return token_nll(logits[:, :-offset], tokens[:, offset:], target_mask(segment_ids, offset))
+def shifted_nll(out: jax.Array, tokens: jax.Array, segment_ids: jax.Array, offset: int = 1,
+                head: jax.Array | None = None, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(summed NLL, count) of predicting token t+offset at position t.
+
+    Without `head`, `out` is the logits [B, L, V] (`token_nll`); with `head` [D, V], `out`
+    is the final hidden state [B, L, D] and the head is applied in sequence tiles of
+    `chunk` positions (`cross_entropy.shifted_token_nll`: no [B, L, V] logits kept).
+    """
+    mask = target_mask(segment_ids, offset)
+    if head is None:
+        return token_nll(out[:, :-offset], tokens[:, offset:], mask)
+    return shifted_token_nll(out, head, tokens, mask, offset, chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +102,15 @@ def total_loss(cross_entropy: jax.Array, moe_loss: jax.Array, mtp_cross_entropy:
     return cross_entropy + weight_mtp * mtp_cross_entropy + moe_loss + sum(extra)
 
 
-def batch_loss(logits: jax.Array, aux: dict[str, jax.Array], batch: Batch, weight_mtp: float,
+def batch_loss(out: jax.Array, aux: dict[str, jax.Array], batch: Batch, weight_mtp: float,
                denominators: Denominators | None = None, share: float = 1.0,
-               extra_losses: Sequence[str] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+               extra_losses: Sequence[str] = (), head: jax.Array | None = None,
+               chunk: int = 0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, statistics) of one batch from the model's outputs.
+
+    `out` is the logits [B, L, V] (aux `mtp_logits`), or with `head` the final hidden state
+    [B, L, D] (aux `mtp_hidden`, the model called with `return_hidden=True`) whose
+    cross-entropy is tiled over `chunk` positions (see `shifted_nll`).
 
     `denominators` are the whole batch's target counts when this batch is one micro-batch
     of it (default: this batch's own); `share` (1 / number of micro-batches) scales the
@@ -106,18 +121,19 @@ def batch_loss(logits: jax.Array, aux: dict[str, jax.Array], batch: Batch, weigh
     logged metrics.
     """
     tokens, segment_ids = batch["tokens"], batch["segment_ids"]
-    with_mtp = "mtp_logits" in aux
+    mtp_out = aux.get("mtp_hidden" if head is not None else "mtp_logits")
+    with_mtp = mtp_out is not None
     if denominators is None:
         denominators = target_counts(segment_ids, with_mtp)
     zero = jnp.zeros((), jnp.float32)
-    nll, count = shifted_nll(logits, tokens, segment_ids, 1)
+    nll, count = shifted_nll(out, tokens, segment_ids, 1, head, chunk)
     stats = {"nll": nll, "count": count}
     stats.update({k: aux[k] * share for k in MOE_STATS if k in aux})
     moe_loss = aux.get("moe_loss", zero) + aux.get("mtp_moe_loss", zero)
     stats["moe_loss"] = moe_loss * share
     mtp_ce = zero
     if with_mtp:
-        mtp_nll, mtp_count = shifted_nll(aux["mtp_logits"], tokens, segment_ids, 2)
+        mtp_nll, mtp_count = shifted_nll(mtp_out, tokens, segment_ids, 2, head, chunk)
         stats.update(mtp_nll=mtp_nll, mtp_count=mtp_count)
         mtp_ce = mtp_nll / denominators.mtp_count
     stats.update({name: aux[name] * share for name in extra_losses})

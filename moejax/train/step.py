@@ -28,6 +28,7 @@ from moejax.config import Config
 from moejax.model.build import architecture_of
 from moejax.model.moe.router import update_balance_bias
 from moejax.sharding import logical_to_spec
+from moejax.train.cross_entropy import head_weight
 from moejax.train.loss import (Denominators, batch_loss, loss_metrics, mtp_depth, mtp_weight,
                                target_counts)
 from moejax.train.state import TrainSetup, TrainState
@@ -63,11 +64,16 @@ def _micro_loss(setup: TrainSetup, cfg: Config, p: Any, fixed: Any, mb: Batch,
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One micro-batch's share of the batch loss, and its statistics (sums or means / M)."""
     kwargs = {"with_mtp": True} if mtp_depth(cfg) else {}
-    logits, aux = setup.model.apply({"params": p, **fixed}, mb["tokens"],
-                                    mb["segment_ids"], mb["positions"],
-                                    rngs={"dropout": rng}, **kwargs)
-    return batch_loss(logits, aux, mb, mtp_weight(cfg), denoms, 1.0 / num_micro,
-                      architecture_of(cfg.model).extra_losses)
+    chunk = cfg.train.loss_chunk
+    if chunk:  # the loss applies the LM head tile by tile (cross_entropy.py)
+        kwargs["return_hidden"] = True
+    out, aux = setup.model.apply({"params": p, **fixed}, mb["tokens"],
+                                 mb["segment_ids"], mb["positions"],
+                                 rngs={"dropout": rng}, **kwargs)
+    head = (head_weight(p, getattr(cfg.model, "tie_embeddings", False), out.dtype)
+            if chunk else None)
+    return batch_loss(out, aux, mb, mtp_weight(cfg), denoms, 1.0 / num_micro,
+                      architecture_of(cfg.model).extra_losses, head=head, chunk=chunk)
 
 
 def _micro_grads(setup: TrainSetup, cfg: Config, params: Any, fixed: Any, mb: Batch,

@@ -68,9 +68,9 @@ class V4Attention(nn.Module):
             "q_b": self.param("q_b", init("q_lora", "heads", "head_dim"),
                               (a.q_lora_rank, h, dh), pd),
             "kv": self.param("kv", init("embed", "head_dim"), (d, dh), pd),
-            "o_a": self.param("o_a", init("heads", None, None), (g, h * dh // g, a.o_lora_rank),
+            "o_a": self.param("o_a", init("heads", None, "o_lora"), (g, h * dh // g, a.o_lora_rank),
                               pd),
-            "o_b": self.param("o_b", init("heads", None, "embed"), (g, a.o_lora_rank, d), pd),
+            "o_b": self.param("o_b", init("heads", "o_lora", "embed"), (g, a.o_lora_rank, d), pd),
             "sinks": self.param("sinks", nn.with_logical_partitioning(
                 nn.initializers.zeros, ("heads",)), (h,), jnp.float32),
         }

@@ -241,8 +241,10 @@ class TransformerV4(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, with_mtp: bool = False
-                 ) -> tuple[jax.Array, dict[str, Any]]:
+                 positions: jax.Array | None = None, with_mtp: bool = False,
+                 return_hidden: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+        """`return_hidden`: the final normalised hidden states [B, L, D] instead of the
+        logits, and `mtp_hidden` instead of `mtp_logits` (as `moejax.Transformer`)."""
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         if segment_ids is None:
@@ -260,13 +262,13 @@ class TransformerV4(nn.Module):
         h = HyperHead(cfg.hc.hc_mult, cfg.hc.eps, cfg.norm_eps, cfg.init_std, name="hc_head")(x)
         h = RMSNorm(cfg.norm_eps, dt, jnp.float32, name="final_norm")(h)
         head = LMHead(cfg.vocab_size, cfg.init_std, dt, pdt, name="head")
-        logits = head(h)
+        out = h if return_hidden else head(h).astype(jnp.float32)
         if cfg.mtp.depth and not self.decode and (with_mtp or self.is_initializing()):
             nxt = next_tokens(tokens)
             mtp_bias = balance_bias(self, MTP_BIAS, 1, cfg.moe.num_experts)[0]
             mtp_h, stats = V4MTP(cfg, name="mtp")(x, embed(nxt), mtp_bias, nxt, segment_ids,
                                                   positions)
-            aux.update(mtp_aux(head(mtp_h), stats, cfg.moe.balance_loss_coef,
-                               cfg.moe.z_loss_coef))
+            aux.update(mtp_aux(mtp_h if return_hidden else head(mtp_h), stats,
+                               cfg.moe.balance_loss_coef, cfg.moe.z_loss_coef, return_hidden))
             aux["indexer_loss"] += cfg.attention.indexer_loss_coef * stats["indexer_kl"]
-        return logits.astype(jnp.float32), aux
+        return out, aux
