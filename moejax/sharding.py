@@ -282,6 +282,12 @@ def param_shardings(abstract_variables: Any, mesh: Mesh,
                         is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def logical_names(variables: Any) -> Any:
+    """The tree of logical axis-name tuples (None for unannotated leaves)."""
+    return jax.tree.map(lambda x: x.names if isinstance(x, nn.Partitioned) else None,
+                        variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def init_variables(model: nn.Module, cfg: Any, mesh: Mesh, rng: jax.Array,
                    batch_shape: tuple[int, int] = (1, 8)) -> Any:
     """Initialises the variables directly sharded over `mesh` (abstract init -> jitted init).
