@@ -102,8 +102,8 @@ def batch_loss(logits: jax.Array, aux: dict[str, jax.Array], batch: Batch, weigh
     per-batch means (MoE and indexer losses, MoE statistics), so that summing the losses
     and statistics of the micro-batches gives the whole batch's. Statistics: `nll`,
     `count` (and `mtp_nll`, `mtp_count`) sums, `moe_loss`, the `extra_losses` (aux
-    entries, e.g. `indexer_loss`) and the `MOE_STATS` present in aux, scaled by `share`; `loss_metrics` turns their sums into the
-    logged metrics.
+    entries, e.g. `indexer_loss`) and the `MOE_STATS` present in aux, scaled by `share`;
+    `loss_metrics` turns their sums into the logged metrics.
     """
     tokens, segment_ids = batch["tokens"], batch["segment_ids"]
     with_mtp = "mtp_logits" in aux
