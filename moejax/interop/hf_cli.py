@@ -24,11 +24,10 @@ import argparse
 import pathlib
 import pprint
 import sys
-from typing import Any
-
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from moejax import distributed
 from moejax.config import resolve
@@ -67,7 +66,7 @@ def load_any(hf_dir: str, dtype: str = "float32") -> tuple[ml_collections.Config
                           else "byte"), variables
 
 
-def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> Any:
+def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> epath.Path:
     """HF folder -> `workdir` with a step-0 checkpoint and its config file; returns the file."""
     from moejax import data as moedata
     from moejax.sharding import make_mesh, use_mesh
