@@ -8,7 +8,7 @@ and `samples` (greedy and nucleus samples from `prompt`, KV-cached decoding).
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from typing import Any
 
 import jax
@@ -19,6 +19,7 @@ from moejax.config import Config, resolve
 from moejax.eval.generate import generate
 from moejax.train.heldout import HeldOut, expert_usage_table, unigram_baseline
 from moejax.sharding import make_mesh, use_mesh
+from moejax.storage import as_path
 from moejax.train import checkpoint
 from moejax.train.loop import check_inputs
 from moejax.train.state import make_setup
@@ -39,12 +40,20 @@ def _samples(cfg: Config, variables: Any, tokenizer: Any, prompt: str, max_new_t
     return out
 
 
-def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | pathlib.Path, *,
+def _on_host(tree: Any) -> Any:
+    """The whole of each array on this host (arrays sharded over processes are gathered)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | os.PathLike, *,
              prompt: str = "def ", max_new_tokens: int = 200, num_batches: int | None = None,
              seed: int = 0) -> dict[str, Any]:
     """Evaluates the newest checkpoint of `workdir`; returns what it writes to eval.json."""
     cfg = config if isinstance(config, Config) else resolve(config)
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)  # a local folder or a URL (moejax.storage)
     step = checkpoint.latest_step(workdir)
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint.checkpoint_dir(workdir)}"
@@ -57,7 +66,7 @@ def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | pathlib.
         setup = make_setup(cfg, mesh)
         state = checkpoint.load_state(workdir, setup.abstract, step)
         metrics = HeldOut(setup, cfg, tokenizer, batches)(state, with_details=True)
-        samples = _samples(cfg, jax.device_get(state.variables()), tokenizer, prompt,
+        samples = _samples(cfg, _on_host(state.variables()), tokenizer, prompt,
                            max_new_tokens, seed)
     if not metrics:
         raise ValueError("the validation split yielded no targets; raise "

@@ -20,13 +20,16 @@ the fields, before anything is written.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import json
+import os
 from typing import Any, Mapping
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 from moejax.config import Config
 from moejax.data import iterator_checkpoint_args
+from moejax.storage import as_path, is_url
 from moejax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -38,9 +41,21 @@ RUNTIME_MODEL_FIELDS = frozenset({
     "moe.bias_update_rate"})
 
 
-def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
-    """Where the CheckpointManager of `workdir` keeps its steps."""
-    return pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+# URL schemes whose checkpoints Orbax can write (its arrays go through TensorStore's
+# `gcs` kvstore; everything else must be a local path). See moejax/storage.py.
+CHECKPOINT_SCHEMES = ("gs",)
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """Where the CheckpointManager of `workdir` keeps its steps (a local path or gs://)."""
+    path = as_path(workdir) / CHECKPOINT_DIR
+    scheme = os.fspath(path).split("://", 1)[0] if is_url(path) else None
+    if scheme is not None and scheme not in CHECKPOINT_SCHEMES:
+        raise ValueError(
+            f"workdir {os.fspath(workdir)!r}: Orbax checkpoints can be written to a local "
+            f"path or {[s + '://' for s in CHECKPOINT_SCHEMES]}, not {scheme}://; use a "
+            "local (or GCSFuse-mounted) workdir or a gs:// bucket.")
+    return path
 
 
 def config_dict(cfg: Config) -> dict[str, Any]:
@@ -71,7 +86,7 @@ def model_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
     return diffs
 
 
-def latest_step(workdir: str | pathlib.Path) -> int | None:
+def latest_step(workdir: str | os.PathLike) -> int | None:
     """Newest complete checkpoint step in `workdir`, or None; reads only."""
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
@@ -81,7 +96,7 @@ def latest_step(workdir: str | pathlib.Path) -> int | None:
         return manager.latest_step()
 
 
-def saved_config(workdir: str | pathlib.Path, step: int) -> dict[str, Any]:
+def saved_config(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
     """The resolved config stored with checkpoint `step` (read-only)."""
     with ocp.CheckpointManager(
             checkpoint_dir(workdir),
@@ -91,7 +106,7 @@ def saved_config(workdir: str | pathlib.Path, step: int) -> dict[str, Any]:
     return restored["config"]
 
 
-def check_compatible(workdir: str | pathlib.Path, cfg: Config) -> int | None:
+def check_compatible(workdir: str | os.PathLike, cfg: Config) -> int | None:
     """Raises ValueError if the newest checkpoint's model differs; returns its step."""
     step = latest_step(workdir)
     if step is None:
@@ -106,7 +121,7 @@ def check_compatible(workdir: str | pathlib.Path, cfg: Config) -> int | None:
     return step
 
 
-def make_manager(workdir: str | pathlib.Path, keep: int) -> ocp.CheckpointManager:
+def make_manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
     """Asynchronous manager keeping the newest `keep` checkpoints (creates the folder)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True)
@@ -131,6 +146,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState,
             iterator: Any) -> TrainState:
     """Restores checkpoint `step` onto `abstract_state`'s shardings; the iterator in place."""
+    legacy = _grain_data_state(manager, step, iterator)
+    if legacy is not None:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        iterator.set_state(legacy)
+        return restored["state"]
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=iterator_checkpoint_args(iterator, restore=True)))
@@ -138,7 +159,30 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainStat
     return restored["state"]
 
 
-def load_state(workdir: str | pathlib.Path, abstract_state: TrainState,
+def _grain_data_state(manager: ocp.CheckpointManager, step: int, iterator: Any
+                      ) -> dict[str, Any] | None:
+    """The data state of a checkpoint written before data streams, or None.
+
+    Such checkpoints hold grain's per-process iterator JSON (`data/process_<i>-of-<n>.json`).
+    One process with one stream read exactly today's stream 0, so its state carries over;
+    a multi-process one read per-process document shares that no longer exist.
+    """
+    folder = epath.Path(manager.directory) / str(step) / "data"
+    files = sorted(folder.glob("process_*-of-*.json")) if folder.exists() else []
+    if not files:
+        return None
+    if len(files) > 1 or files[0].name != "process_0-of-1.json" or \
+            list(iterator.streams) != [0] or len(iterator.rows) != iterator.rows_per_stream:
+        raise ValueError(
+            f"checkpoint {folder.parent} was written by {len(files)} process(es) before "
+            "moejax read one global batch for all processes (data.streams); its data "
+            "position can only be resumed by one process with data.streams=1. Resume it "
+            "so, or start a new --workdir.")
+    return {"rows_per_stream": iterator.rows_per_stream,
+            "streams": {"0": json.loads(files[0].read_text())}}
+
+
+def load_state(workdir: str | os.PathLike, abstract_state: TrainState,
                step: int | None = None) -> TrainState:
     """The train state of checkpoint `step` (default: newest) of `workdir`, read-only.
 
