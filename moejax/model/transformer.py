@@ -24,16 +24,11 @@ from moejax.model.attention.gqa import Attention
 from moejax.model.layers import MLP, Embed, LMHead, RMSNorm
 from moejax.model.attention.mla import MLA
 from moejax.model.moe.layer import MoE
+from moejax.model.remat import LAYER_INPUT, REMAT_POLICIES
 from moejax.model.mtp import MTP_BIAS, MTPModule, mtp_aux, next_tokens
 from moejax.model.moe.router import balance_bias, weighted_moe_loss
 from moejax.sharding import constrain
 
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_moe": jax.checkpoint_policies.save_only_these_names("attention_out", "ffn_out"),
-}
 
 
 def make_attention(cfg: ModelConfig, decode: bool, name: str = "attention") -> nn.Module:
@@ -59,6 +54,7 @@ class DecoderBlock(nn.Module):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm = lambda name: RMSNorm(cfg.norm_eps, dtype, pdtype, name=name)  # noqa: E731
+        x = checkpoint_name(x, LAYER_INPUT)
         with jax.named_scope("attention"):
             h = make_attention(cfg, self.decode)(norm("attention_norm")(x), segment_ids,
                                                  positions)

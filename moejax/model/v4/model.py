@@ -39,13 +39,7 @@ from moejax.model.moe.router import balance_bias, weighted_moe_loss
 from moejax.model.v4.attention import V4Attention
 from moejax.config.v4 import V4Config
 from moejax.model.v4.moe import HASH_COLLECTION, V4MoE
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_moe": jax.checkpoint_policies.save_only_these_names("attention_out", "ffn_out"),
-}
+from moejax.model.remat import LAYER_INPUT, REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +144,7 @@ class V4Block(nn.Module):
         hc = lambda name: HyperConnection(cfg.hc.hc_mult, cfg.hc.sinkhorn_iters,  # noqa: E731
                                           cfg.hc.eps, cfg.norm_eps, cfg.init_std, name=name)
         norm = lambda name: RMSNorm(cfg.norm_eps, dt, jnp.float32, name=name)  # noqa: E731
+        x = checkpoint_name(x, LAYER_INPUT)
         post, comb, y = hc("attn_hc")(x)
         with jax.named_scope("attention"):
             a, kl = V4Attention(cfg.attention, self.layer_type, cfg.norm_eps, cfg.init_std, dt,
