@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec
 from moejax.sharding import _ACTIVE, logical_to_spec
 
 BLOCK = 512  # query / key tile (TPU lanes: a multiple of 128)
+SPLASH_MULTIPLE = 128  # sequence lengths the kernel takes
 
 
 def _block_sizes(length: int) -> splash.BlockSizes:
