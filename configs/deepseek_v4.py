@@ -100,7 +100,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                          "use flash, pro or tiny.")
     cfg = load_config_file(str(pathlib.Path(__file__).with_name("tiny.py")))
     cfg.model = _model(size)
-    if size != "tiny":
-        cfg.train.seq_len = 4096  # for FLOPs / memory estimates (moejax.plan)
-        cfg.train.batch_size = 1024
+    if size == "flash":  # v5p-512 (256 chips): mesh fsdp 32 x expert 8, 2.1M tokens/step
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert = 1, -1, 8
+        cfg.train.seq_len = 4096
+        cfg.train.batch_size = 512  # 2 sequences per chip
+        cfg.train.loss_chunk = 512  # cross-entropy over 512-position tiles (no [B, L, V])
+    if size == "pro":  # v5p-2048 (1024 chips): mesh fsdp 128 x expert 8, 8.4M tokens/step
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert = 1, -1, 8
+        cfg.train.seq_len = 4096
+        cfg.train.batch_size = 2048  # 2 sequences per chip
+        cfg.train.micro_batches = 2  # one sequence per chip per forward/backward
+        cfg.train.loss_chunk = 512
     return cfg

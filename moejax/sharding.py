@@ -263,6 +263,52 @@ def param_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
     return fill_state_axes(logical_to_spec(names, rules, shape, mesh), names, shape, mesh)
 
 
+def constrain_weight(w: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """A parameter at its use: split as its rules say, but whole over STATE_AXES (except
+    an `expert` dimension, which stays with its experts); a no-op outside `use_mesh`.
+
+    This is FSDP's all-gather made explicit. Without it GSPMD may keep the weight's
+    fsdp-split D dim in the einsum and instead gather the *activations* over the token
+    groups: measured on DeepSeek-V4-Flash (v5p 8x8x4, 2 sequences of 4096 per chip) the
+    expert down-projection's weight gradient then held the whole global dispatch buffer
+    [E, G, D, C] (120 GiB) on every chip. With the weight gathered the gradient is
+    partial-summed over the local groups and reduce-scattered back to the state layout.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return w
+    mesh, rules = active
+    spec = logical_to_spec(names, rules, w.shape, mesh)
+    kept = []
+    for name, entry in zip(names, tuple(spec) + (None,) * (w.ndim - len(spec))):
+        axes = tuple(a for a in _spec_axes(entry) if name == "expert" or a not in STATE_AXES)
+        kept.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
+    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, PartitionSpec(*kept)))
+
+
+def per_batch_shard(fn: Callable[..., jax.Array], *arrays: jax.Array) -> jax.Array:
+    """fn(*arrays) computed on each device's own rows of dim 0 (shard_map over the axes
+    `act_batch` maps dim 0 to); plain fn(*arrays) outside `use_mesh`.
+
+    For row-independent gathers/scatters (the MoE's token <-> slot moves): XLA's SPMD
+    partitioner did not split the scatter-add that transposes a batched
+    `take_along_axis` over its batch dim and built it whole on every chip (measured: four
+    bf16 [G, S+1, D] = 16 GiB buffers per MoE layer, DeepSeek-V4-Flash on 256 chips). Every
+    array must have dim 0 = the rows; the result too. `fn` must not call `constrain`.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return fn(*arrays)
+    mesh = active[0]
+    rows = logical_to_spec(("act_batch",), active[1], arrays[0].shape[:1], mesh)[0]
+    if rows is None:
+        return fn(*arrays)
+    spec = lambda a: PartitionSpec(rows, *([None] * (a.ndim - 1)))  # noqa: E731
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a) for a in arrays),
+                           out_specs=PartitionSpec(rows), check_vma=False)
+    return mapped(*arrays)
+
+
 def param_shardings(abstract_variables: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, MeshAxes]] = RULES) -> Any:
     """NamedShardings for a variables tree whose leaves are nn.Partitioned (or plain).

@@ -9,7 +9,7 @@ EXPERT_PARALLEL = ("auto", "gspmd", "shard_map")  # who moves tokens to experts 
 EXPERT_TRANSPORTS = ("auto", "all_gather", "ragged")  # shard_map transports
 # how dropless runs its experts: "auto" = "ragged_dot" on GPU/TPU, "bulk" on CPU (dropless.py)
 DROPLESS_BACKENDS = ("auto", "bulk", "loop", "ragged_dot")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_moe", "offload")  # remat.py
 ROPE_STYLES = ("half", "interleaved")
 ATTENTION_TYPES = ("gqa", "mla")
 # model.architecture: "transformer" = `moejax.Transformer` (dense / DeepSeek-V2/V3 MoE, GQA or
@@ -17,5 +17,6 @@ ATTENTION_TYPES = ("gqa", "mla")
 # section holds `moejax.config.v4.V4Config`'s fields instead).
 ARCHITECTURES = ("transformer", "deepseek_v4")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "reference")  # model/attention/core.py
+# model/attention/core.py; "splash": TPU Pallas flash attention (MLA), attention/splash.py
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "reference", "splash")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")

@@ -217,6 +217,9 @@ def validate_model(m: ModelConfig) -> None:
     _choice("model.param_dtype", m.param_dtype, DTYPES)
     _choice("model.remat_policy", m.remat_policy, REMAT_POLICIES)
     _choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
+    _check(m.attention_impl != "splash" or m.attention_type == "mla", "model.attention_impl",
+           m.attention_impl, "'splash' (TPU flash attention) is wired for attention_type="
+           "'mla' only; use 'xla' for GQA.")
     _choice("model.rope.style", m.rope.style, ROPE_STYLES)
     _check(0.0 < m.rope.fraction <= 1.0, "model.rope.fraction", m.rope.fraction,
            "must be in (0, 1].")

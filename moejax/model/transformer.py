@@ -26,7 +26,7 @@ from moejax.model.attention.mla import MLA
 from moejax.model.moe.layer import MoE
 from moejax.model.mtp import MTP_BIAS, MTPModule, mtp_aux, next_tokens
 from moejax.model.moe.router import balance_bias, weighted_moe_loss
-from moejax.model.remat import rematerialised
+from moejax.model.remat import LAYER_INPUT, rematerialised
 from moejax.sharding import constrain
 
 def make_attention(cfg: ModelConfig, decode: bool, name: str = "attention") -> nn.Module:
@@ -52,6 +52,7 @@ class DecoderBlock(nn.Module):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm = lambda name: RMSNorm(cfg.norm_eps, dtype, pdtype, name=name)  # noqa: E731
+        x = checkpoint_name(x, LAYER_INPUT)
         with jax.named_scope("attention"):
             h = make_attention(cfg, self.decode)(norm("attention_norm")(x), segment_ids,
                                                  positions)

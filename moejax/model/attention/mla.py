@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.config import MLAConfig, RopeConfig
+from moejax.model.attention.splash import SPLASH_MULTIPLE, splash_attention
 from moejax.model.attention.core import (HEADS_MAJOR, attention_mask, causal_blocks_for,
                                          heads_major_attention, resolve_impl)
 from moejax.model.layers import RMSNorm, linear, normal_init
@@ -143,11 +144,15 @@ class MLA(nn.Module):
                    k_pe: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float
                    ) -> jax.Array:
         """Expanded (training/prefill) attention, heads-major in and out: -> [B,H,L,J]."""
-        mask = attention_mask(segment_ids)
         q = jnp.concatenate([q_nope, q_pe], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, None], (*k_nope.shape[:3],
                                                                      k_pe.shape[-1]))], -1)
         impl = resolve_impl(self.impl)
+        if impl == "splash":  # TPU flash attention: no [B, H, L, S] logits
+            if q.shape[2] % SPLASH_MULTIPLE == 0:
+                return splash_attention(q, k, v, segment_ids, scale)
+            impl = "reference"  # short inputs (init, tests): the kernel needs 128-row tiles
+        mask = attention_mask(segment_ids)
         if impl == "einsum":
             return heads_major_attention(q, k, v, mask, scale,
                                          causal_blocks_for(q.shape[2]))

@@ -18,7 +18,7 @@ from moejax.model.moe.execution import execution_of
 from moejax.model.moe.parallel.shard_map import select_dispatch
 from moejax.model.layers import MLP, normal_init
 from moejax.model.moe.router import Router, routing_stats
-from moejax.sharding import active_mesh, constrain
+from moejax.sharding import active_mesh, constrain, constrain_weight
 
 DType = Any
 
@@ -45,11 +45,13 @@ def routed_experts(module: nn.Module, x: jax.Array, routing: Any, mask: jax.Arra
     b, length, d = x.shape
     e, f = cfg.num_experts, cfg.expert_hidden
     init = lambda *names: normal_init(module.init_std, names)  # noqa: E731
-    weights = (
-        module.param("gate", init("expert", "embed", "expert_mlp"), (e, d, f), module.param_dtype),
-        module.param("up", init("expert", "embed", "expert_mlp"), (e, d, f), module.param_dtype),
-        module.param("down", init("expert", "expert_mlp", "embed"), (e, f, d), module.param_dtype),
-    )
+    names_in, names_out = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
+    params = (module.param("gate", init(*names_in), (e, d, f), module.param_dtype),
+              module.param("up", init(*names_in), (e, d, f), module.param_dtype),
+              module.param("down", init(*names_out), (e, f, d), module.param_dtype))
+    # in the compute dtype, gathered over fsdp at use (see sharding.constrain_weight)
+    weights = tuple(constrain_weight(w.astype(x.dtype), names)
+                    for w, names in zip(params, (names_in, names_in, names_out)))
     s = group_size_for(b * length, cfg.group_size)
     g = b * length // s
     grouped = constrain(x.reshape(g, s, d), ("act_batch", None, "act_embed"))

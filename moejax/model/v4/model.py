@@ -36,7 +36,7 @@ from moejax.model.v4.hyper import HyperConnection, HyperHead, expand, expand_str
 from moejax.model.layers import Embed, LMHead, RMSNorm, linear, normal_init
 from moejax.model.mtp import MTP_BIAS, mtp_aux, next_tokens
 from moejax.model.moe.router import balance_bias, weighted_moe_loss
-from moejax.model.remat import rematerialised
+from moejax.model.remat import LAYER_INPUT, rematerialised
 from moejax.model.v4.attention import V4Attention
 from moejax.config.v4 import V4Config
 from moejax.model.v4.moe import HASH_COLLECTION, V4MoE
@@ -143,6 +143,7 @@ class V4Block(nn.Module):
         hc = lambda name: HyperConnection(cfg.hc.hc_mult, cfg.hc.sinkhorn_iters,  # noqa: E731
                                           cfg.hc.eps, cfg.norm_eps, cfg.init_std, name=name)
         norm = lambda name: RMSNorm(cfg.norm_eps, dt, jnp.float32, name=name)  # noqa: E731
+        x = checkpoint_name(x, LAYER_INPUT)
         post, comb, y = hc("attn_hc")(x)
         with jax.named_scope("attention"):
             a, kl = V4Attention(cfg.attention, self.layer_type, cfg.norm_eps, cfg.init_std, dt,
