@@ -10,15 +10,20 @@ temporaries, host-offloaded bytes, the collectives of the optimized HLO by kind 
 bodies times their trip counts, `moejax.hlo_stats`) and the compile time.
 
 MaxText (0.2.5, Python >= 3.12, in its own virtual environment: bench/vs_maxtext.py's
-set-up, then `pip install "jax==0.12.0.1" "libtpu==0.0.50.1"`, the pair jax 0.12.0.1 pins,
-since maxtext[tpu] pulls libtpu 0.0.52) runs as a subprocess of its own `train_compile`
-with the recipe `MAXTEXT_RECIPE` (fsdp over every chip, megablox grouped matmuls, custom remat with the
+set-up) runs as a subprocess of its own `train_compile` with the recipe `MAXTEXT_RECIPE` (fsdp over every chip, megablox grouped matmuls, custom remat with the
 decoder-layer inputs offloaded to host, fp32 weights, AdamW); its "Memory analysis:" line
 is parsed and its optimized HLO is dumped (`--xla_dump_to`) and counted here, so nothing
 of MaxText is imported into this process. Its compile time is the subprocess's wall time
 (Python start and config parsing included). moejax runs `moejax.aot.compile_train_step`
 in this process on the config given (default: configs/deepseek_v3.py:671b with the
 topology's chips and the same tokens per step).
+
+Known limit (2026-12-06, 2-core machine): MaxText's Pallas kernels (megablox, flash
+attention) do not compile for TPU in the environments pip gives today (maxtext 0.2.5 with
+jax 0.12.0.1 + libtpu 0.0.52 or 0.0.50.1: "no such field: 'debug_locations'" or "Failed
+to parse the Mosaic module"; jax 0.11.1 + libtpu 0.0.46.3: the latter). Without them
+(`--maxtext-arg megablox=false --maxtext-arg attention=dot_product`) MaxText's step at
+4 x 8192 tokens per chip on v5p-1024 is refused: 168.80G of temporaries (95.74G HBM).
 """
 from __future__ import annotations
 
@@ -70,9 +75,7 @@ def run_maxtext(python: str, topology: str, per_chip_batch: int, seq: int,
                f"compile_topology={topology}", "compile_topology_num_slices=1",
                f"per_device_batch_size={per_chip_batch}", f"max_target_length={seq}",
                *MAXTEXT_RECIPE, *extra]
-        # jax 0.12's Mosaic calls carry debug locations that libtpu 0.0.50 cannot parse
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-               "JAX_MOSAIC_UNZIP_DEBUG_LOCATIONS": "false",
                "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_as_text "
                             "--xla_dump_hlo_module_re=.*train_step.*"}
         start = time.perf_counter()
