@@ -1,0 +1,68 @@
+"""moejax.plan --mesh / moejax.plan_memory: per-device state from the sharded abstract state,
+TPU layout padding, activations per remat policy, the largest batch that fits."""
+import json
+
+import pytest
+from conftest import ROOT
+
+from moejax.config import load_config_file
+from moejax.plan import KEYS, main
+from moejax.plan_memory import (abstract_setup, activation_bytes, memory_plan, parse_mesh,
+                                state_bytes, tpu_tiled_bytes)
+
+TINY = str(ROOT / "configs/tiny.py")
+
+
+@pytest.mark.parametrize("shape, itemsize, want", [
+    # shapes and sizes of configs/tiny.py's train-state arguments as XLA:TPU laid them out
+    ((5, 32, 4, 32), 4, 327680),  # T(4,128): 32 -> 128 lanes, 4 rows
+    ((5, 32, 2, 32), 4, 163840),  # T(2,128)
+    ((5, 96, 32), 4, 81920),  # the 96-wide dim goes minor: 96 -> 128
+    ((5, 8, 32, 96), 4, 655360),
+    ((1, 128), 4, 512),  # T(1,128)
+    ((128,), 4, 512),
+    ((4096, 1024), 2, 4096 * 1024 * 2),  # aligned: no padding
+])
+def test_tpu_layout_padding(shape, itemsize, want):
+    assert tpu_tiled_bytes(shape, itemsize) == want
+
+
+def test_state_shrinks_with_fsdp_and_adam_holds_two_moments_per_parameter():
+    config = load_config_file(TINY)
+    whole = state_bytes(abstract_setup(config, parse_mesh("data=4"))[1], tiled=False)
+    split = state_bytes(abstract_setup(config, parse_mesh("fsdp=4"))[1], tiled=False)
+    for state in (whole, split):
+        assert state["optimizer"] == pytest.approx(2 * state["params"], abs=64)  # + counts
+        assert state["gradients"] == state["params"]  # fp32 parameters
+    # everything but the norm scales and the router is split four ways
+    assert whole["params"] / 4 < split["params"] < whole["params"] / 3
+
+
+def test_activations_order_by_remat_policy_and_grow_with_rows():
+    config = load_config_file(TINY)
+    cfg, setup = abstract_setup(config, parse_mesh("data=1"))
+    one = {p: activation_bytes(cfg, setup, p, 1) for p in ("none", "full", "save_moe")}
+    assert 0 < one["full"] < one["save_moe"] < one["none"]
+    assert activation_bytes(cfg, setup, "full", 2) == pytest.approx(2 * one["full"], rel=0.02)
+
+
+def test_plan_cli_adds_memory_with_a_mesh_and_a_chip(capsys):
+    assert main(["--config", TINY, "--mesh", "fsdp=4", "--chip", "v5p", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert tuple(out)[:len(KEYS)] == KEYS
+    memory = out["memory"]
+    assert memory["devices"] == 4 and memory["fits"]
+    assert memory["total_bytes"] == (memory["state_bytes"] + memory["gradient_bytes"]
+                                     + memory["activation_bytes"][memory["remat_policy"]])
+    assert memory["max_batch_size"] >= load_config_file(TINY).train.batch_size
+
+
+@pytest.mark.parametrize("text", ["fsdp=0", "pipeline=2", "fsdp"])
+def test_bad_mesh_is_an_error(text):
+    with pytest.raises(ValueError, match="--mesh"):
+        parse_mesh(text)
+
+
+def test_unknown_chip_is_an_error():
+    with pytest.raises(ValueError, match="--chip"):
+        memory_plan(load_config_file(TINY), parse_mesh("fsdp=1"), "v9")
