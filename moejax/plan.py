@@ -3,7 +3,7 @@
     python -m moejax.plan --config configs/deepseek_v4.py:pro [--json] [--seq_len N]
     python -m moejax.plan --config configs/tiny.py
     python -m moejax.plan --config configs/deepseek_v4.py:flash --mesh fsdp=32,expert=8 \
-        --chip v5p [--json]
+        --chip v5p [--json] [--config.train.batch_size=256 ...]
 
 The model is built with `jax.eval_shape(model.init, ...)` (shapes only), so a 1.6T-parameter
 model plans on a laptop. The model section's architecture (`moejax.model.build`) does the
@@ -42,7 +42,7 @@ import json
 import sys
 from typing import Any
 
-from moejax.config import load_config_file
+from moejax.config import apply_overrides, load_config_file
 from moejax.model.build import architecture_of
 from moejax.plan_memory import memory_plan, parse_mesh
 
@@ -71,8 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq_len", type=int, default=None, help="default: train.seq_len")
     parser.add_argument("--mesh", default=None, help="e.g. fsdp=32,expert=8: add memory")
     parser.add_argument("--chip", default=None, help="v4, v5e, v5p or v6e (with --mesh)")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.") or "=" not in a]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; overrides look like --config.a.b=value")
     config = load_config_file(args.config)
+    try:
+        apply_overrides(config, [a[len("--config."):] for a in rest])
+    except ValueError as err:
+        print(f"moejax.plan: {err}", file=sys.stderr)
+        return 2
     result = plan(config, args.seq_len)
     out: dict[str, Any] = {k: result[k] for k in KEYS}
     if args.mesh is not None or args.chip is not None:

@@ -21,6 +21,9 @@
   (attention scores included), "none" everything, and all policies keep the loss's fp32
   logits. Rows are split over (data, fsdp, expert) as `act_batch` is; heads are treated as
   whole (an overestimate with mesh.tensor > 1).
+  Tracing at two row counts splits the residuals into a per-row part and a
+  batch-independent part (weights cast to the compute dtype, kept by "none" and "dots"),
+  which is counted at the parameters' per-device share.
 * **Largest batch**: activations grow linearly with rows, so the largest global
   `train.batch_size` (at the config's micro_batches) with state + gradients + activations
   within the chip's HBM.
@@ -165,6 +168,20 @@ def activation_bytes(cfg: Any, setup: Any, policy: str, rows: int) -> int:
     return residual_bytes(_micro_loss(setup_p, cfg_p), params, fixed, mb, abstract_key())
 
 
+def activation_line(cfg: Any, setup: Any, policy: str, rows: int) -> tuple[float, int]:
+    """(residual bytes per row, batch-independent residual bytes) of `policy`, from traces
+    at `rows` and 2 * `rows` rows. The batch-independent part is what the backward keeps of
+    the weights (their compute-dtype casts, with remat policies that save them); traced at
+    global shapes it is whole, on the mesh it is split like the parameters."""
+    one, two = (activation_bytes(cfg, setup, policy, n) for n in (rows, 2 * rows))
+    per_row = (two - one) / rows
+    return per_row, max(int(one - per_row * rows), 0)
+
+
+def _whole_bytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def memory_plan(config: Any, sizes: dict[str, int], chip: str | None = None) -> dict[str, Any]:
     """Per-device memory of `config` (ConfigDict) on a mesh of `sizes`; see the module doc."""
     if chip is not None and chip not in USABLE_HBM_BYTES:
@@ -174,7 +191,10 @@ def memory_plan(config: Any, sizes: dict[str, int], chip: str | None = None) -> 
     shards = batch_shards(cfg, setup.mesh)
     micro_rows = cfg.train.batch_size // cfg.train.micro_batches
     rows = max(micro_rows // shards, 1)
-    activations = {p: activation_bytes(cfg, setup, p, rows) for p in REMAT_POLICIES}
+    weight_share = state["params"] / max(_whole_bytes(setup.abstract.params), 1)
+    lines = {p: activation_line(cfg, setup, p, rows) for p in REMAT_POLICIES}
+    activations = {p: int(per_row * rows + weights * weight_share)
+                   for p, (per_row, weights) in lines.items()}
     fixed = state["params"] + state["optimizer"] + state["other_state"] + state["gradients"]
     policy = cfg.model.remat_policy
     out: dict[str, Any] = {
@@ -187,7 +207,7 @@ def memory_plan(config: Any, sizes: dict[str, int], chip: str | None = None) -> 
     }
     if chip is not None:
         hbm = USABLE_HBM_BYTES[chip]
-        per_row = activations[policy] / rows
+        per_row = lines[policy][0]
         fit_rows = max(int((hbm - fixed) // per_row), 0) if per_row else 0
         out.update(hbm_bytes=hbm, fits=out["total_bytes"] <= hbm,
                    max_batch_size=fit_rows * shards * cfg.train.micro_batches)
