@@ -24,13 +24,15 @@
   Tracing at two row counts splits the residuals into a per-row part and a
   batch-independent part (weights cast to the compute dtype, kept by "none" and "dots"),
   which is counted at the parameters' per-device share.
+* **Layer working set**: the largest layer's weights gathered over fsdp (compute dtype)
+  and their whole fp32 gradient before it is reduce-scattered (`layer_working_bytes`).
 * **Largest batch**: activations grow linearly with rows, so the largest global
   `train.batch_size` (at the config's micro_batches) with state + gradients + activations
   within the chip's HBM.
 
 Where it misses (against `moejax.aot`): XLA's temporaries also hold what the backward of
-one layer rematerialises and its gradients in flight, the per-layer parameters fsdp
-gathers (twice: forward and backward), dispatch / collective buffers and fusion scratch;
+one layer rematerialises, dispatch / collective buffers, gathered weights prefetched for
+the next layer (the working set counts one layer) and fusion scratch;
 XLA may also keep less than the jaxpr's residuals (it can recompute cheap ones) or more
 (layout copies). Expect temporaries above the activation figure by roughly one layer's
 working set; state agrees within a few per cent.
@@ -182,6 +184,36 @@ def _whole_bytes(tree: Any) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def layer_working_bytes(cfg: Any, setup: Any) -> int:
+    """Bytes one layer's step holds beyond the state: its weights gathered over fsdp (in the
+    compute dtype) and their whole fp32 gradient before the reduce-scatter, for the largest
+    layer. Layers are the parameter groups under the first two path keys (a scanned stack,
+    an unrolled layer, the MTP block, the embedding, the head); a stacked leaf counts one
+    row of its `layers` axis."""
+    from moejax.sharding import logical_names  # noqa: PLC0415
+    from moejax.train.state import abstract_key  # noqa: PLC0415
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    boxed = jax.eval_shape(setup.model.init, abstract_key(), tokens)
+    names = jax.tree.leaves(logical_names(boxed["params"]),
+                            is_leaf=lambda x: isinstance(x, tuple) or x is None)
+    leaves = jax.tree_util.tree_leaves_with_path(setup.abstract.params)
+    units: dict[tuple[str, ...], float] = {}
+    for (path, leaf), axis_names in zip(leaves, names):
+        spec = tuple(leaf.sharding.spec) + (None,) * len(leaf.shape)
+        split = 1
+        for entry in spec[:len(leaf.shape)]:
+            for axis in (entry if isinstance(entry, tuple) else (entry,)):
+                if axis is not None and axis != "fsdp":
+                    split *= setup.mesh.shape[axis]
+        size = math.prod(leaf.shape) / split
+        if axis_names and "layers" in axis_names:
+            size /= leaf.shape[axis_names.index("layers")]
+        key = tuple(str(getattr(k, "key", k)) for k in path[:2])
+        units[key] = units.get(key, 0.0) + size
+    compute = jnp.dtype(cfg.model.dtype).itemsize
+    return int(max(units.values(), default=0.0) * (compute + 4))
+
+
 def memory_plan(config: Any, sizes: dict[str, int], chip: str | None = None) -> dict[str, Any]:
     """Per-device memory of `config` (ConfigDict) on a mesh of `sizes`; see the module doc."""
     if chip is not None and chip not in USABLE_HBM_BYTES:
@@ -195,14 +227,17 @@ def memory_plan(config: Any, sizes: dict[str, int], chip: str | None = None) -> 
     lines = {p: activation_line(cfg, setup, p, rows) for p in REMAT_POLICIES}
     activations = {p: int(per_row * rows + weights * weight_share)
                    for p, (per_row, weights) in lines.items()}
-    fixed = state["params"] + state["optimizer"] + state["other_state"] + state["gradients"]
+    layer = layer_working_bytes(cfg, setup)
+    fixed = (state["params"] + state["optimizer"] + state["other_state"] + state["gradients"]
+             + layer)
     policy = cfg.model.remat_policy
     out: dict[str, Any] = {
         "devices": math.prod(sizes.values()), "mesh": sizes, "chip": chip,
         "rows_per_device": micro_rows / shards, "params_bytes": state["params"],
         "optimizer_bytes": state["optimizer"], "other_state_bytes": state["other_state"],
         "state_bytes": state["params"] + state["optimizer"] + state["other_state"],
-        "gradient_bytes": state["gradients"], "activation_bytes": activations,
+        "gradient_bytes": state["gradients"], "layer_working_bytes": layer,
+        "activation_bytes": activations,
         "remat_policy": policy, "total_bytes": fixed + activations[policy],
     }
     if chip is not None:
