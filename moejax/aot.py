@@ -181,9 +181,6 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str | Topolo
         key = jax.ShapeDtypeStruct(key.shape, key.dtype,
                                    sharding=NamedSharding(mesh, PartitionSpec()))
         lowered = step.lower(setup.abstract, abstract_batch(cfg, mesh), key)
-        # a compile-only executable cannot be stored in or read from the persistent cache
-        cache = jax.config.jax_enable_compilation_cache
-        jax.config.update("jax_enable_compilation_cache", False)
         try:
             compiled = lowered.compile()
         except Exception as err:  # noqa: BLE001 - XLA's refusal is the answer
@@ -193,8 +190,6 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str | Topolo
             result.error = str(err).strip().splitlines()[0]
             result.required_bytes_per_chip = required_bytes(str(err))
             return result
-        finally:
-            jax.config.update("jax_enable_compilation_cache", cache)
     result.compile_seconds = time.perf_counter() - start
     _memory(result, compiled)
     stats = collective_stats(compiled.as_text())
