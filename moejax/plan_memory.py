@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 from moejax.config import MESH_AXES, REMAT_POLICIES, resolve
 from moejax.model.build import build_model
-from moejax.sharding import logical_to_spec
+from moejax.sharding import logical_names, logical_to_spec
 from moejax.topology import GIB
 from moejax.train import step
 from moejax.train.loss import mtp_depth, target_counts
@@ -190,8 +190,6 @@ def layer_working_bytes(cfg: Any, setup: Any) -> int:
     layer. Layers are the parameter groups under the first two path keys (a scanned stack,
     an unrolled layer, the MTP block, the embedding, the head); a stacked leaf counts one
     row of its `layers` axis."""
-    from moejax.sharding import logical_names  # noqa: PLC0415
-    from moejax.train.state import abstract_key  # noqa: PLC0415
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     boxed = jax.eval_shape(setup.model.init, abstract_key(), tokens)
     names = jax.tree.leaves(logical_names(boxed["params"]),
