@@ -13,7 +13,9 @@ from moejax.topology import GIB, parse_topology
 V4_TINY = str(ROOT / "configs/deepseek_v4.py") + ":tiny"
 # Short batches keep each XLA:TPU compile to seconds; the mesh spreads fsdp over the slice.
 SHORT = ["train.batch_size=8", "train.seq_len=64", "mesh.data=1", "mesh.fsdp=-1"]
-SMALL_V4 = ["model.num_layers=3", "model.attention.layer_types=('sliding','csa','hca')",
+# DeepSeek-V4's blocks at small dims: a hash-routed CSA layer, a learned-routing HCA layer
+# (both with the sliding window), mHC, the MTP layer.
+SMALL_V4 = ["model.num_layers=2", "model.attention.layer_types=('csa','hca')",
             "model.moe.num_hash_layers=1", "model.max_seq_len=64"]
 
 
@@ -136,6 +138,12 @@ def test_refusals_give_the_bytes_asked_for(message, gib):
 
 # ------------------------------------------------------------------ compiles (libtpu)
 
+# A persistent compilation cache (conftest.py's) cannot hand a compile-only TPU executable
+# back (no TPU client to load it into); JAX warns and compiles.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Error reading persistent compilation cache entry:UserWarning")
+
+
 def _compile_and_plan(config, topology="v5p-8", num_slices=1):
     pytest.importorskip("libtpu")
     from moejax.aot import compile_train_step
@@ -161,7 +169,7 @@ def test_tiny_compiles_for_v5p_8_and_its_state_matches_the_planner():
     _check(result, planned, chips=4)
 
 
-def test_a_few_layer_v4_model_compiles_for_v5p_8_and_its_state_matches_the_planner():
+def test_a_two_layer_v4_model_compiles_for_v5p_8_and_its_state_matches_the_planner():
     config = load_config(V4_TINY, [*SMALL_V4, *SHORT])
     result, planned = _compile_and_plan(config)
     _check(result, planned, chips=4)
