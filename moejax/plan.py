@@ -13,8 +13,8 @@ Reported (`--json`: one object with exactly these keys):
 
 * `total_params`: the main model, MTP excluded (the published "total"), including the
   balance biases (HF's `e_score_correction_bias`; for V4 only the non-hash layers' rows,
-  which exist in the checkpoint) and not V4's frozen `tid2eid` tables, so the figures
-  equal spec 5.1 / 5.2's formulas.
+  which exist in the checkpoint) and not V4's frozen `tid2eid` tables, as the published
+  totals count them (docs/deepseek_v3_v4.md, "Parameter counts").
 * `mtp_params`: the MTP module (its balance bias included).
 * `active_params`: per token, everything except the routed experts a token does not use
   ((E - k) of E per MoE layer) and except the input-embedding lookup (the LM head counts;

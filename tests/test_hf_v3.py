@@ -133,7 +133,7 @@ def test_import_of_a_plain_query_half_rope_variant_matches_hf(tmp_path):
 
 
 def _mtp_modules(hf_config, seed):
-    """Random MTP weights (spec 2.3) as HF modules: norms, eh_proj and a MoE layer."""
+    """Random MTP weights (V3 §2.2) as HF modules: norms, eh_proj and a MoE layer."""
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as mod
     d = hf_config.hidden_size
     mtp = torch.nn.ModuleDict({
@@ -164,7 +164,7 @@ def test_import_of_in_memory_names_with_mtp_matches_hf_and_the_mtp_formula(tiny,
     assert config.model.mtp.depth == 1
     logits, aux = _apply(config, variables, ids.numpy(), with_mtp=True)
     assert _report("in-memory names import", logits, ref) <= TOL
-    # Spec 2.3 in torch: x = eh_proj([enorm(emb(t+1)); hnorm(h_t)]), layer, norm, head.
+    # V3 MTP in torch: x = eh_proj([enorm(emb(t+1)); hnorm(h_t)]), layer, norm, head.
     with torch.no_grad():
         h = model(ids, output_hidden_states=True).hidden_states[-1][:, :-1]  # final-normed
         emb = model.model.embed_tokens(ids[:, 1:])

@@ -29,7 +29,7 @@ def _tree_equal(a, b) -> None:
 
 @pytest.mark.hf
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
-    """Spec 6.1 tiny model (every path live) -> sharded save -> from_pretrained."""
+    """Tiny V4 model (every path live) -> sharded save -> from_pretrained."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "DeepseekV4ForCausalLM"):

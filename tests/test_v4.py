@@ -16,7 +16,8 @@ from moejax.model.v4.moe import V4Router, random_tid2eid
 
 
 def _sinkhorn_reference(logits: np.ndarray, iters: int, eps: float) -> np.ndarray:
-    """Spec 1.3 in float64 numpy: row softmax + eps, columns, then (rows, columns) x iters-1."""
+    """mHC Sinkhorn (docs/deepseek_v3_v4.md) in float64 numpy: row softmax + eps, columns,
+    then (rows, columns) x iters-1."""
     c = np.exp(logits - logits.max(-1, keepdims=True))
     c = c / c.sum(-1, keepdims=True) + eps
     c = c / (c.sum(-2, keepdims=True) + eps)
@@ -126,7 +127,7 @@ def test_config_validation_names_the_field():
 
 
 def _spec_count(c):
-    """Spec 5.1's parameter formula (independent of the model code)."""
+    """V4 parameter count per layer from the config alone (independent of the model code)."""
     a, e, n, d = c.attention, c.moe, c.hc.hc_mult, c.embed_dim
     dq, h, dh, g, r = a.q_lora_rank, a.num_heads, a.head_dim, a.o_groups, a.o_lora_rank
     hi, di = a.index_heads, a.index_head_dim
@@ -170,7 +171,7 @@ def test_plan_matches_spec(size, total, with_mtp, active):
 # ----------------------------------------------------------------------------- HF parity
 
 def _hf_tiny_config(transformers):
-    """Spec 6.1: every path active (sliding, CSA with top-k < visible, HCA, hash, clamp)."""
+    """A tiny V4 with every path active (sliding, CSA with top-k < visible, HCA, hash, clamp)."""
     return transformers.DeepseekV4Config(
         vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=32,
@@ -190,7 +191,7 @@ def _hf_tiny_config(transformers):
 
 
 def _randomise(torch, model):
-    """Every tensor HF initialises to 0 or 1 gets random values (spec 6.4 item 4)."""
+    """Every tensor HF initialises to 0 or 1 gets random values (else they go untested)."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in list(model.named_parameters()) + list(model.named_buffers()):
@@ -207,7 +208,8 @@ def _randomise(torch, model):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-# In-memory (block-relative) name -> DeepSeek's original name (spec 3.1 table).
+# In-memory (block-relative) name -> DeepSeek's original name (docs/deepseek_v3_v4.md,
+# "Checkpoint names and formats").
 _ORIGINAL = {
     "self_attn.q_a_proj.weight": "attn.wq_a.weight", "self_attn.q_a_norm.weight":
     "attn.q_norm.weight", "self_attn.q_b_proj.weight": "attn.wq_b.weight",
@@ -331,7 +333,7 @@ def test_hf_parity_tiny_all_paths(tmp_path):
     tokens = jnp.asarray(ids.numpy())
     (logits, _), inter = apply(variables, tokens)
     diff = float(np.abs(np.asarray(logits) - ref).max())
-    print(f"\nV4 tiny (spec 6.1, fp32): max |logits - HF| = {diff:.3g}")
+    print(f"\nV4 tiny (fp32): max |logits - HF| = {diff:.3g}")
     assert diff <= 1e-4 and np.abs(ref).max() > 1.0
 
     # The CSA indexers really select (more visible entries than top-k) and no tie decides.
@@ -437,7 +439,8 @@ def _randomise_variables(variables, seed=0):
 
 
 def test_cached_decoding_equals_the_full_forward():
-    """Prefill 37 tokens (not window-aligned), then 1 token at a time (spec 1.10)."""
+    """Prefill 37 tokens (not window-aligned), then 1 token at a time (docs/deepseek_v3_v4.md,
+    "V4 incremental decoding")."""
     from moejax.interop.hf_v4 import abstract_variables
     from moejax.model.v4.model import TransformerV4
     cfg = V4Config(num_layers=2, max_seq_len=48, attention=dataclasses.replace(
@@ -536,7 +539,7 @@ def test_mtp_block_and_its_checkpoint_names():
 
 
 def test_published_flash_config_json_matches_configs_deepseek_v4():
-    """The legacy keys of the released config.json (spec 4) give configs/deepseek_v4.py."""
+    """The legacy keys of the released config.json give configs/deepseek_v4.py."""
     from moejax.config import load_config_file
     from moejax.interop.hf_v4 import v4_config_from_hf
     published = {

@@ -24,7 +24,8 @@ from moejax.config.coerce import dataclass_from_dict
 LAYER_TYPES = ("sliding", "csa", "hca")
 V4_SCORE_FUNCTIONS = ("sqrtsoftplus", "sigmoid", "softmax")
 V4_DISPATCHES = ("dense", "index", "dropless")
-# The published `compress_ratios` (one int per layer) -> layer type ([REF] overlap iff 4).
+# The published `compress_ratios` (one int per layer) -> layer type; CSA (rate 4) is the
+# overlapping one (docs/deepseek_v3_v4.md).
 RATIO_TO_TYPE = {0: "sliding", 4: "csa", 128: "hca"}
 
 

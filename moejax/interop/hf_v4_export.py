@@ -3,9 +3,10 @@
     hf_v4.save(cfg, variables, "out/")     # config.json + safetensors (sharded + index)
     DeepseekV4ForCausalLM.from_pretrained("out/")
 
-Tensor names are the ones `save_pretrained` writes (spec 3.1 naming 3, HF's conversion
-mapping reverse-applied): `model.layers.{l}.attn.wq_a.weight`, `attn.norm.weight` (the
-attention kv_norm), `ffn.experts.{e}.w1/w2/w3.weight` (one tensor per expert),
+Tensor names are the ones `save_pretrained` writes (the third naming of
+docs/deepseek_v3_v4.md, "Checkpoint names and formats": HF's conversion mapping
+reverse-applied): `model.layers.{l}.attn.wq_a.weight`, `attn.norm.weight` (the attention
+kv_norm), `ffn.experts.{e}.w1/w2/w3.weight` (one tensor per expert),
 `hc_attn_fn`, `head.weight`, `model.hc_head.hc_fn`, ... `from_pretrained` renames them to
 its in-memory names; `hf_v4.load` reads them back. Besides `params`:
 

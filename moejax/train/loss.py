@@ -117,8 +117,8 @@ def batch_loss(out: jax.Array, aux: dict[str, jax.Array], batch: Batch, weight_m
     per-batch means (MoE and indexer losses, MoE statistics), so that summing the losses
     and statistics of the micro-batches gives the whole batch's. Statistics: `nll`,
     `count` (and `mtp_nll`, `mtp_count`) sums, `moe_loss`, the `extra_losses` (aux
-    entries, e.g. `indexer_loss`) and the `MOE_STATS` present in aux, scaled by `share`; `loss_metrics` turns their sums into the
-    logged metrics.
+    entries, e.g. `indexer_loss`) and the `MOE_STATS` present in aux, scaled by `share`;
+    `loss_metrics` turns their sums into the logged metrics.
     """
     tokens, segment_ids = batch["tokens"], batch["segment_ids"]
     mtp_out = aux.get("mtp_hidden" if head is not None else "mtp_logits")

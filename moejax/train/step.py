@@ -138,8 +138,8 @@ def train_step_fn(setup: TrainSetup, cfg: Config
         moe_bias = {name: update_balance_bias(bias, stats[BIAS_LOADS[name]], rates[name])
                     for name, bias in state.moe_bias.items()}
         lr = jnp.asarray(setup.schedule(state.step), jnp.float32)
-        metrics = {**loss_metrics(stats, weight_mtp, arch.extra_losses), "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": lr}
+        metrics = {**loss_metrics(stats, weight_mtp, arch.extra_losses),
+                   "grad_norm": optax.tree.norm(grads), "learning_rate": lr}
         if "expert_load" in stats:
             metrics["moe/bias_norm"] = optax.tree.norm(moe_bias)
         return TrainState(state.step + 1, params, opt_state, moe_bias, state.frozen), metrics

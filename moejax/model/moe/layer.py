@@ -1,9 +1,9 @@
 """DeepSeekMoE feed-forward block: router + routed experts + shared experts.
 
 y = shared(x) + sum_{j in top-k} w_j expert_j(x); the routed sum goes through the dispatch
-strategy named by `MoEConfig.dispatch` (see capacity.py), or, when expert_parallel resolves to "shard_map"
-under an active mesh (execution.py), through the explicit expert-parallel transport of
-parallel/shard_map.py.
+strategy named by `MoEConfig.dispatch` (see capacity.py), or, when expert_parallel
+resolves to "shard_map" under an active mesh (execution.py), through the explicit
+expert-parallel transport of parallel/shard_map.py.
 """
 from __future__ import annotations
 

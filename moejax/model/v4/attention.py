@@ -11,7 +11,8 @@ Norm weights, sinks and position biases are fp32 whatever `param_dtype` (as HF k
 The layer returns (out [B, L, D], indexer KL): the KL is the lightning indexer's
 distillation loss of a CSA layer (indexer_loss.py) when `indexer_loss_coef > 0`, else 0
 (not computed). The indexer always reads stop_gradient'ed inputs: its top-k passes no
-gradient anyway, so only that loss trains it. With `decode=True` the layer keeps the incremental state of spec 1.10 in the `cache`
+gradient anyway, so only that loss trains it. With `decode=True` the layer keeps its
+incremental state (docs/deepseek_v3_v4.md, "V4 incremental decoding") in the `cache`
 collection (see decode.py): call it with the prompt, then with one token at a time.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """DeepSeek-V4 attention: shared-KV sliding window, HCA and CSA compressed entries, sinks.
 
-Per layer (spec 1.4-1.6), for x [B, L, D] at positions t:
+Per layer (docs/deepseek_v3_v4.md, "V4 forward pass"), for x [B, L, D] at positions t:
 
     qr = RMSNorm(x @ q_a)                      [B, L, dq]   (also the indexer's query input)
     q  = unweighted_rms(qr @ q_b) per head     [B, L, H, dh], RoPE on the trailing dr channels
@@ -31,7 +31,8 @@ at the `positions` value of its window's first token (w*m for an unpacked row, a
 Window boundaries stay row-aligned (multiples of m), so a packed document starting at a
 multiple of every rate computes exactly what it would alone; others pool their windows
 differently (as HF, which ignores padding and packing in the compressor). With
-`decode=True` the `cache` collection holds the state of spec 1.10 (see `V4Attention`).
+`decode=True` the `cache` collection holds the incremental state (docs/deepseek_v3_v4.md,
+"V4 incremental decoding"; see `V4Attention`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Incremental decoding state of a DeepSeek-V4 attention layer (spec 1.10).
+"""Incremental decoding state of a DeepSeek-V4 attention layer (docs/deepseek_v3_v4.md,
+"V4 incremental decoding").
 
 Called by `V4Attention` when `decode=True`, with a chunk of L new tokens (the prompt, then
 one token at a time); every row of the batch is at the same position. The `cache`
@@ -16,7 +17,7 @@ collection of the layer holds:
   position_bias, the first m slots of the next entry.
 
 Each chunk runs the same formulas as the full forward, so prefill + cached decode gives the
-full forward's logits (up to indexer ties, spec 6.4). All shapes are static: a chunk's
+full forward's logits (up to indexer ties, docs/deepseek_v3_v4.md). All shapes are static: a chunk's
 complete windows are pooled from a scratch of (buffer + chunk) and written with a
 dropping scatter at entry index // m onward.
 """

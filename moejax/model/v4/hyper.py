@@ -11,9 +11,10 @@ RMS-normalised, fp32) and produces, with one linear map `fn` [n*D, (2+n)*n]:
 The block sees y = sum_j pre_j X_j; its output `out` re-enters as
 X'_k = post_k * out + sum_j comb[j, k] X_j  (the sum runs over the FIRST index of comb).
 
-`sinkhorn` is exactly DeepSeek's kernel (spec 1.3 / 7.10): row softmax + eps, one column
-normalisation, then iters-1 rounds of (rows, columns), each denominator + eps. It ends on a
-column normalisation, so the result is only approximately doubly stochastic.
+`sinkhorn` is exactly DeepSeek's kernel (docs/deepseek_v3_v4.md, "mHC"): row softmax +
+eps, one column normalisation, then iters-1 rounds of (rows, columns), each denominator
++ eps. It ends on a column normalisation, so the result is only approximately doubly
+stochastic.
 
 Parameters are fp32 whatever `param_dtype` (as in HF and DeepSeek's code); the mixing itself
 runs in fp32 and is cast to the stream dtype once (DeepSeek's reference; HF casts post and

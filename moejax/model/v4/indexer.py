@@ -1,4 +1,6 @@
-"""Lightning indexer of DeepSeek-V4's compressed sparse attention (CSA), spec 1.6.
+"""Lightning indexer of DeepSeek-V4's compressed sparse attention (CSA).
+
+docs/deepseek_v3_v4.md, "Lightning indexer".
 
 The indexer owns a second overlapped compressor of width dI (its keys K [B, T, dI], RoPE'd
 with the compress table at w*m) and scores every visible entry for every query:
@@ -9,9 +11,9 @@ with the compress table at w*m) and scores every visible entry for every query:
     I[t, w] = -inf where w is not visible from t
     selected(t) = top-k(I[t], k = min(index_topk, T)), minus picks that are not visible
 
-Tie-breaking (spec 6.4): `jax.lax.top_k` prefers the lower index among equal scores, torch's
-`topk` has no documented order, so exact ties (frequent when every head's ReLU is 0) may
-select different entries than HuggingFace. `selection_gap` reports the smallest gap
+Tie-breaking (docs/deepseek_v3_v4.md): `jax.lax.top_k` prefers the lower index among
+equal scores, torch's `topk` has no documented order, so exact ties (frequent when every
+head's ReLU is 0) may select different entries than HuggingFace. `selection_gap` reports the smallest gap
 between the k-th and (k+1)-th visible scores, so a test can assert that no tie decides.
 
 The selection is not differentiable: through the language-model loss the indexer's

@@ -212,7 +212,8 @@ class V4Layers(nn.Module):
 
 
 class V4MTP(nn.Module):
-    """DeepSeek-V4 MTP block ([REF] MTPBlock): its streams, then its own hyper-head + norm."""
+    """DeepSeek-V4 MTP block (the reference code's MTPBlock): its streams, then its own
+    hyper-head + norm."""
     cfg: V4Config
 
     @nn.compact
