@@ -126,8 +126,9 @@ def test_indexer_loss_coef_is_validated():
         v4_config({"attention": {"indexer_loss_coef": -1.0}})
 
 
-@pytest.mark.slow  # compiles a whole V4 train step
 def test_train_step_adds_the_indexer_loss_and_moves_the_indexer():
+    """Two V4 train steps: the indexer loss is in the loss and moves the indexer; the hash
+    layer's balance-bias row stays 0 while the learned layer's moves."""
     from moejax.config import load_config, resolve
     from moejax.sharding import make_mesh, use_mesh
     from moejax.train import state as train_state
@@ -158,3 +159,5 @@ def test_train_step_adds_the_indexer_loss_and_moves_the_indexer():
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), after,
                                          before))
     assert min(moved) > 1e-4  # far beyond weight decay alone (~2e-5 here)
+    bias = np.asarray(jax.device_get(st.moe_bias["bias"]))  # layer 0 routes by hash
+    assert not bias[0].any() and bias[1].any()

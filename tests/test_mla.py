@@ -35,7 +35,9 @@ def tiny_v3():
     return _init(v3_config(), _tokens())
 
 
-@pytest.mark.parametrize("plain_query", [False, True])
+# The plain-query variant is slow (its own model and decoder compile); its forward is
+# checked against HF by test_hf_v3.py::test_import_of_a_plain_query_half_rope_variant_...
+@pytest.mark.parametrize("plain_query", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_mla_cached_decoding_equals_the_full_forward(plain_query, tiny_v3):
     tokens = _tokens()
     if plain_query:  # q_lora_rank = 0 (plain query projection), half-split rope pairs
@@ -59,18 +61,28 @@ def test_mla_cached_decoding_equals_the_full_forward(plain_query, tiny_v3):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
 
 
-@pytest.mark.parametrize("impl", ["xla", "einsum"])
-def test_mla_attention_impls_equal_reference_in_values_and_gradients(tiny_v3, impl):
+def _mla_loss_and_grads(variables, impl: str):
     tokens = _tokens()
-    _, v = tiny_v3
-    make = lambda name: Transformer(moejax.model_config(  # noqa: E731
-        v3_config(f"model.attention_impl='{name}'").model))
+    model = Transformer(moejax.model_config(v3_config(f"model.attention_impl='{impl}'").model))
 
-    def loss(params, model):
-        return jnp.mean(model.apply({**v, "params": params}, tokens)[0] ** 2)
+    def loss(params):
+        return jnp.mean(model.apply({**variables, "params": params}, tokens)[0] ** 2)
 
-    got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(v["params"], make(impl))
-    want = jax.jit(jax.value_and_grad(loss), static_argnums=1)(v["params"], make("reference"))
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+
+@pytest.fixture(scope="module")
+def mla_reference_grads(tiny_v3):
+    """Loss and gradients of the tiny V3 with the reference attention (computed once)."""
+    return _mla_loss_and_grads(tiny_v3[1], "reference")
+
+
+@pytest.mark.parametrize("impl", ["xla", "einsum"])
+def test_mla_attention_impls_equal_reference_in_values_and_gradients(tiny_v3,
+                                                                     mla_reference_grads,
+                                                                     impl):
+    got = _mla_loss_and_grads(tiny_v3[1], impl)
+    want = mla_reference_grads
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7),
                  got[1], want[1])

@@ -64,17 +64,34 @@ def _unstack(stacked_stack, n):
             for i in range(n)}
 
 
-@pytest.mark.parametrize("dispatch", ["index", pytest.param("einsum", marks=pytest.mark.slow)])
-def test_scan_and_unrolled_give_same_outputs_and_gradients(dispatch):
+@pytest.fixture(scope="module")
+def scanned_grads():
+    """(model, variables, logits, gradients) of the scanned small model (default dispatch),
+    the baseline of the scan and remat tests, computed once."""
     tokens = _tokens()
-    scan_model, v = _init(small_config(f"model.moe.dispatch='{dispatch}'"), tokens)
+    model, v = _init(small_config(), tokens)
+    return (model, v, *_loss_and_grads(model, v, tokens))
+
+
+# The default dispatch (dropless) shares the scanned baseline with the remat test; index
+# and einsum are slow (the scanned index forward is also test_sharding.py's reference).
+@pytest.mark.parametrize("dispatch", [pytest.param(None, id="dropless"),
+                                      pytest.param("index", marks=pytest.mark.slow),
+                                      pytest.param("einsum", marks=pytest.mark.slow)])
+def test_scan_and_unrolled_give_same_outputs_and_gradients(dispatch, scanned_grads):
+    tokens = _tokens()
+    chosen = (f"model.moe.dispatch='{dispatch}'",) if dispatch else ()
+    if dispatch is None:
+        scan_model, v, logits_a, g_a = scanned_grads
+    else:
+        scan_model, v = _init(small_config(*chosen), tokens)
+        logits_a, g_a = _loss_and_grads(scan_model, v, tokens)
     loop_model = Transformer(moejax.model_config(
-        small_config(f"model.moe.dispatch='{dispatch}'", "model.scan_layers=False").model))
+        small_config(*chosen, "model.scan_layers=False").model))
     p = dict(v["params"])
     p["dense_stack"] = _unstack(p["dense_stack"], 1)
     p["moe_stack"] = _unstack(p["moe_stack"], 2)
     loop_vars = {**v, "params": p}
-    logits_a, g_a = _loss_and_grads(scan_model, v, tokens)
     logits_b, g_b = _loss_and_grads(loop_model, loop_vars, tokens)
     np.testing.assert_allclose(logits_a, logits_b, atol=1e-5)
     g_b["dense_stack"] = {"layers": jax.tree.map(lambda *a: jnp.stack(a),
@@ -87,11 +104,10 @@ def test_scan_and_unrolled_give_same_outputs_and_gradients(dispatch):
 
 @pytest.mark.parametrize("policy", ["dots", pytest.param("full", marks=pytest.mark.slow),
                                     pytest.param("save_moe", marks=pytest.mark.slow)])
-def test_remat_gives_same_outputs_and_gradients(policy):
+def test_remat_gives_same_outputs_and_gradients(policy, scanned_grads):
     tokens = _tokens()
-    model, v = _init(small_config(), tokens)
+    _, v, logits_a, g_a = scanned_grads
     remat = Transformer(moejax.model_config(small_config(f"model.remat_policy='{policy}'").model))
-    logits_a, g_a = _loss_and_grads(model, v, tokens)
     logits_b, g_b = _loss_and_grads(remat, v, tokens)
     np.testing.assert_allclose(logits_a, logits_b, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b)):
@@ -110,7 +126,10 @@ def test_aux_reports_per_layer_moe_statistics():
     assert float(aux["moe_loss"]) > 0
 
 
-@pytest.mark.parametrize("scan", [True, False])
+# Scanned decoding is slow here: test_generate.py (greedy decoding of the scanned small
+# model equals the full forward's argmax) and test_mla.py's cached decoding (scanned V3)
+# run it by default.
+@pytest.mark.parametrize("scan", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_cached_decoding_equals_the_full_forward(scan):
     cfg = small_config("model.moe.capacity_factor=0.0", f"model.scan_layers={scan}")
     tokens = _tokens(2, 24)

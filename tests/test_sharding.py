@@ -12,8 +12,11 @@ import moejax
 from moejax.sharding import (LOGICAL_AXES, RULES, logical_names, logical_to_spec,
                              param_spec)
 
-MESHES = [dict(data=8), dict(data=1, fsdp=8), dict(data=2, expert=4),
-          dict(data=1, fsdp=2, expert=2, tensor=2)]
+# data=8 (plain data parallelism: every train test runs on it) and fsdp=8 (fsdp is split
+# in the mixed mesh too) are slow; the default suite checks expert=4 and the mixed mesh.
+MESHES = [pytest.param(dict(data=8), marks=pytest.mark.slow),
+          pytest.param(dict(data=1, fsdp=8), marks=pytest.mark.slow),
+          dict(data=2, expert=4), dict(data=1, fsdp=2, expert=2, tensor=2)]
 
 
 def test_every_parameter_has_one_logical_name_per_dimension():
@@ -106,7 +109,8 @@ def reference():
     return cfg, model, tokens, np.asarray(logits), jax.tree.map(np.asarray, aux)
 
 
-@pytest.mark.parametrize("axes", MESHES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+@pytest.mark.parametrize("axes", MESHES, ids=["data=8", "data=1,fsdp=8", "data=2,expert=4",
+                                              "data=1,fsdp=2,expert=2,tensor=2"])
 def test_sharded_forward_equals_single_device(reference, axes):
     cfg, model, tokens, ref_logits, ref_aux = reference
     mesh = moejax.make_mesh(moejax.MeshConfig(**axes))

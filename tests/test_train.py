@@ -169,9 +169,14 @@ def test_dense_baseline_matches_tiny_active_flops_per_token():
 
 # ---------------------------------------------------------------------- entry point, inputs
 
+# Constant decay: the same compiled train / held-out steps as test_checkpoint.py's runs
+# (a hit in the shared compilation cache when they ran first).
+CLI = ("train.steps=4", "optimizer.decay='constant'")
+
+
 def test_train_py_writes_config_metrics_tensorboard_and_checkpoint(tmp_path):
     workdir = tmp_path / "run"
-    proc = subprocess.run(train_py_args(workdir, "train.steps=4"), env=subprocess_env(),
+    proc = subprocess.run(train_py_args(workdir, *CLI), env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((workdir / "config.json").read_text())
@@ -185,7 +190,7 @@ def test_train_py_writes_config_metrics_tensorboard_and_checkpoint(tmp_path):
     assert any("validation/bits_per_byte" in r for r in records)
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert (workdir / "checkpoints" / "4" / "state").is_dir()
-    args = train_py_args(workdir, "train.steps=4")
+    args = train_py_args(workdir, *CLI)
     args[1] = str(ROOT / "eval.py")
     proc = subprocess.run([*args, "--max_new_tokens=8", "--num_batches=2"],
                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
