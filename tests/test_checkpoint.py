@@ -86,6 +86,18 @@ def test_incompatible_model_config_is_refused_and_nothing_is_touched(trained):
     assert _tree_snapshot(workdir) == before
 
 
+def test_platform_choices_may_change_between_a_checkpoint_and_its_resume():
+    """How the experts run (e.g. expert_parallel 'gspmd' saved before 'auto' existed) is
+    not part of the model; the expert count is."""
+    saved = {"moe": {"expert_parallel": "gspmd", "expert_transport": "auto",
+                     "dropless_backend": "auto", "num_experts": 8}}
+    now = {"moe": {"expert_parallel": "auto", "expert_transport": "all_gather",
+                   "dropless_backend": "bulk", "num_experts": 8}}
+    assert checkpoint.model_differences(saved, now) == []
+    assert checkpoint.model_differences(saved, {"moe": {**now["moe"], "num_experts": 4}}) == [
+        "model.moe.num_experts: 8 -> 4"]
+
+
 @pytest.mark.slow  # ~45 s: a subprocess run killed mid-training, then resumed
 def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(tmp_path):
     workdir = tmp_path / "run"

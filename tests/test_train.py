@@ -171,7 +171,7 @@ def test_dense_baseline_matches_tiny_active_flops_per_token():
 
 # Constant decay: the same compiled train / held-out steps as test_checkpoint.py's runs
 # (a hit in the shared compilation cache when they ran first).
-CLI = ("train.steps=4", "optimizer.decay=constant")  # argv, no shell: no quotes
+CLI = ("train.steps=4", "optimizer.decay=constant")  # a command line: no quotes
 
 
 def test_train_py_writes_config_metrics_tensorboard_and_checkpoint(tmp_path):

@@ -38,7 +38,8 @@ READ_ONLY = ocp.CheckpointManagerOptions(read_only=True, create=False, save_inte
 RUNTIME_MODEL_FIELDS = frozenset({
     "dtype", "remat_policy", "attention_impl", "moe.dispatch", "moe.group_size",
     "moe.capacity_factor", "moe.balance_loss_coef", "moe.z_loss_coef",
-    "moe.bias_update_rate"})
+    "moe.bias_update_rate", "moe.expert_parallel", "moe.expert_transport",
+    "moe.dropless_backend"})
 
 
 # URL schemes whose checkpoints Orbax can write (its arrays go through TensorStore's
