@@ -119,6 +119,14 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return self.num_layers - self.num_dense_layers
 
+    @property
+    def tensor_heads(self) -> tuple[str, int]:
+        """(field, count) of the heads split over the tensor axis: MLA's query heads, GQA's
+        key/value heads."""
+        if self.attention_type == "mla":
+            return "num_heads", self.num_heads
+        return "num_kv_heads", self.num_kv_heads
+
 
 # What `Config.model` holds; both share vocab_size, embed_dim, num_layers, max_seq_len, dtype,
 # moe.num_experts / top_k / bias_update_rate, mtp.depth / loss_weight, num_dense_layers.
@@ -296,13 +304,8 @@ def validate_mesh(mesh: MeshConfig, model: AnyModelConfig | None = None) -> None
                model.moe.expert_hidden, f"must be divisible by the tensor axis ({tensor} = "
                "mesh.tensor x mesh.dcn_tensor) with model.moe.expert_parallel='shard_map' "
                "(F is split over tensor).")
-    if tensor > 1:  # MLA and V4 shard their query heads, GQA its key/value heads
-        owner, heads = model, "num_kv_heads"
-        if model.architecture == "deepseek_v4":
-            owner, heads = model.attention, "attention.num_heads"
-        elif model.attention_type == "mla":
-            heads = "num_heads"
-        count = getattr(owner, heads.rsplit(".", 1)[-1])
+    if tensor > 1:
+        heads, count = model.tensor_heads
         _check(count % tensor == 0, f"model.{heads}", count,
                f"must be divisible by the tensor axis ({tensor} = mesh.tensor x "
                "mesh.dcn_tensor).")
@@ -321,11 +324,18 @@ def model_config(section: Any) -> AnyModelConfig:
     else:
         architecture = section.get("architecture", "transformer")
     _choice("model.architecture", architecture, ARCHITECTURES)
-    if architecture == "deepseek_v4":
-        return v4_config(section)
+    return MODEL_SECTIONS[architecture](section)
+
+
+def transformer_config(section: Any) -> ModelConfig:
+    """Builds and validates a `moejax.Transformer` model section."""
     model = dataclass_from_dict(ModelConfig, section, "model")
     validate_model(model)
     return model
+
+
+# model.architecture -> the builder of its model section (one entry per architecture).
+MODEL_SECTIONS = {"transformer": transformer_config, "deepseek_v4": v4_config}
 
 
 def mesh_config(section: Any, model: AnyModelConfig | None = None) -> MeshConfig:

@@ -121,6 +121,11 @@ class V4Config:
     def is_hash(self, layer: int) -> bool:
         return layer < self.moe.num_hash_layers
 
+    @property
+    def tensor_heads(self) -> tuple[str, int]:
+        """(field, count) of the heads split over the tensor axis: the query heads."""
+        return "attention.num_heads", self.attention.num_heads
+
 
 def layer_types_from_ratios(ratios: Sequence[int], num_layers: int) -> tuple[str, ...]:
     """Published `compress_ratios` (0 / 4 / 128, len N+1 with the MTP entry) -> N types."""
