@@ -5,7 +5,8 @@ Any config field can be overridden on the command line with its dotted name
 unknown field is an error. A workdir that already holds checkpoints of the same model is
 resumed from its newest complete one. Multi-host: pass `--multihost`, or set
 JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID where JAX cannot detect
-them), and `jax.distributed.initialize()` runs before anything touches a device.
+them), and `jax.distributed.initialize()` runs before anything touches a device
+(moejax/distributed.py); only process 0 writes config.json, metrics and TensorBoard.
 
 Writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/ and DIR/checkpoints/. Bad input
 (config, data, an incompatible workdir) exits with status 1 and one line saying what to
@@ -13,7 +14,6 @@ fix, before anything is written.
 """
 import dataclasses
 import json
-import os
 import re
 import sys
 
@@ -21,6 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import moejax.distributed
 import moejax.train
 from moejax.config import apply_overrides, load_config_file, resolve
 
@@ -52,7 +53,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
                                required=True)
 _MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Call jax.distributed.initialize() (auto when "
-    "JAX_COORDINATOR_ADDRESS is set).")
+    "JAX_COORDINATOR_ADDRESS is set; see moejax/distributed.py).")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -62,23 +63,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"train.py: {_bad_override(argv, e)}")
 
 
-def _initialize_distributed() -> None:
-    """jax.distributed.initialize() when asked (--multihost) or configured by env vars."""
-    if _MULTIHOST.value or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs = {}
-        if os.environ.get("JAX_NUM_PROCESSES"):
-            kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
-        if os.environ.get("JAX_PROCESS_ID"):
-            kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
-        jax.distributed.initialize(**kwargs)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
-    _initialize_distributed()
+    moejax.distributed.initialize(_MULTIHOST.value)
     try:
         cfg = resolve(_CONFIG.value)
     except ValueError as e:

@@ -90,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.validation_fraction = 0.02  # documents held out for validation
     data.shuffle_seed = 0  # seed of the document shuffle
     data.num_workers = 2  # grain worker processes feeding the GPU
+    data.streams = 1  # packing streams per global batch; pods: a multiple of the hosts
 
     cfg.train = train = ml_collections.ConfigDict()
     train.steps = 20000  # optimizer steps (~1.3B tokens)

@@ -84,6 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.validation_fraction = 0.05  # share of documents held out for validation
     data.shuffle_seed = 0  # seed of the global document shuffle
     data.num_workers = 0  # grain worker processes (0 = in the main process)
+    data.streams = 1  # packing streams per global batch; pods: a multiple of the hosts
 
     cfg.train = train = ml_collections.ConfigDict()
     train.steps = 300  # optimizer steps (~1.2M tokens; ~6 min on 2 CPU cores)

@@ -18,8 +18,9 @@ replicated over an axis that spans processes) each supply them.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -70,6 +71,12 @@ class BatchLayout:
         for index in indices:
             rows.update(range(*index[0].indices(batch_size)))
         self.rows = np.asarray(sorted(rows), dtype=np.int64)
+        owner = np.full(batch_size, np.iinfo(np.int64).max)
+        for device, index in sharding.devices_indices_map(self.shape).items():
+            covered = np.arange(*index[0].indices(batch_size))
+            owner[covered] = np.minimum(owner[covered], device.process_index)
+        # rows this process counts in host-side sums (once per job, however replicated)
+        self.owned = owner[self.rows] == jax.process_index()
 
     def to_global(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """[len(rows), L] host arrays (rows in increasing order) -> global jax.Arrays."""
@@ -88,4 +95,24 @@ class BatchLayout:
         return read
 
 
-__all__ = ["BatchLayout", "initialize", "is_primary", "requested"]
+def allgather_json(value: Any) -> list[Any]:
+    """Every process's JSON-able `value`, in process order (a collective; [value] alone)."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(value).encode("utf-8"), dtype=np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([raw.size], np.int64))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[:raw.size] = raw
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(gathered[p][:int(sizes[p][0])]).decode("utf-8"))
+            for p in range(gathered.shape[0])]
+
+
+def sum_over_processes(value: int) -> int:
+    """Sum of an integer over all processes (a collective)."""
+    return int(sum(allgather_json(int(value))))
+
+
+__all__ = ["BatchLayout", "allgather_json", "initialize", "is_primary", "requested",
+           "sum_over_processes"]

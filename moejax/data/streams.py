@@ -18,7 +18,6 @@ default) every process packs the whole batch and keeps its share.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping, Sequence
 
 import grain
@@ -105,19 +104,8 @@ def global_state(iterator: GlobalBatchIterator) -> dict[str, Any]:
 
     A collective: every process must call it at the same point (checkpoint saves are).
     """
-    import jax
-    local = iterator.get_state()
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-    raw = np.frombuffer(json.dumps(local).encode("utf-8"), dtype=np.uint8)
-    sizes = multihost_utils.process_allgather(np.asarray([raw.size], np.int64))
-    padded = np.zeros(int(np.max(sizes)), np.uint8)
-    padded[:raw.size] = raw
-    gathered = multihost_utils.process_allgather(padded)
-    states = [json.loads(bytes(gathered[p][:int(sizes[p][0])]).decode("utf-8"))
-              for p in range(gathered.shape[0])]
-    return merge_states(states)
+    from moejax.distributed import allgather_json
+    return merge_states(allgather_json(iterator.get_state()))
 
 
 def stream_dataset(documents: grain.MapDataset, stream: int, num_streams: int

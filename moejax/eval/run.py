@@ -39,6 +39,14 @@ def _samples(cfg: Config, variables: Any, tokenizer: Any, prompt: str, max_new_t
     return out
 
 
+def _on_host(tree: Any) -> Any:
+    """The whole of each array on this host (arrays sharded over processes are gathered)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | pathlib.Path, *,
              prompt: str = "def ", max_new_tokens: int = 200, num_batches: int | None = None,
              seed: int = 0) -> dict[str, Any]:
@@ -57,7 +65,7 @@ def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | pathlib.
         setup = make_setup(cfg, mesh)
         state = checkpoint.load_state(workdir, setup.abstract, step)
         metrics = HeldOut(setup, cfg, tokenizer, batches)(state, with_details=True)
-        samples = _samples(cfg, jax.device_get(state.variables()), tokenizer, prompt,
+        samples = _samples(cfg, _on_host(state.variables()), tokenizer, prompt,
                            max_new_tokens, seed)
     if not metrics:
         raise ValueError("the validation split yielded no targets; raise "

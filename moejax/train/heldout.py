@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax import data as moedata
 from moejax.config import Config
-from moejax.distributed import BatchLayout
+from moejax.distributed import BatchLayout, allgather_json, sum_over_processes
 from moejax.model.build import architecture_of
 from moejax.train.loss import batch_loss, target_mask
 from moejax.train.state import TrainSetup, TrainState
@@ -61,26 +61,33 @@ class HeldOut:
                                         rows=self.layout.rows)
         return itertools.islice(it, self.num_batches)
 
-    def target_ids(self, host_batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    def owned_targets(self, host_batch: Mapping[str, np.ndarray]) -> Any:
+        """(global row, target ids) of the rows this process counts (each row once per job)."""
         mask = np.asarray(target_mask(host_batch["segment_ids"]))
-        return np.asarray(host_batch["tokens"])[:, 1:][mask]
+        tokens = np.asarray(host_batch["tokens"])[:, 1:]
+        for i in np.flatnonzero(self.layout.owned):
+            yield int(self.layout.rows[i]), tokens[i][mask[i]]
 
     def __call__(self, state: TrainState, with_details: bool = False) -> dict[str, Any]:
-        """`validation/*` metrics; with_details adds per-layer expert load and the texts."""
+        """`validation/*` metrics; with_details adds per-layer expert load and the texts.
+
+        Bytes and texts are counted per row by the row's owning process and combined over
+        processes, so the result does not depend on the number of processes.
+        """
         nll = count = 0.0
         num_bytes, loads, texts = 0, [], []
-        for host in self.batches():
+        for b, host in enumerate(self.batches()):
             out = jax.device_get(self.step(state, self.layout.to_global(host)))
             nll, count = nll + float(out["nll"]), count + float(out["count"])
-            targets = self.target_ids(host)
-            num_bytes += moedata.decoded_num_bytes(self.tokenizer, targets)
+            for row, targets in self.owned_targets(host):
+                num_bytes += moedata.decoded_num_bytes(self.tokenizer, targets)
+                if with_details:
+                    texts.append((b, row, self.tokenizer.decode(targets)))
             if "expert_load" in out:
                 loads.append(np.asarray(out["expert_load"]))
-            if with_details:
-                texts.append(self.tokenizer.decode(targets))
         if count == 0:
             return {}
-        num_bytes = _sum_over_hosts(num_bytes)
+        num_bytes = sum_over_processes(num_bytes)
         ce = nll / count
         metrics: dict[str, Any] = {
             "validation/cross_entropy": ce,
@@ -88,15 +95,9 @@ class HeldOut:
             "validation/bits_per_byte": nll / math.log(2) / max(num_bytes, 1)}
         if with_details:
             metrics["expert_load"] = np.mean(loads, axis=0).tolist() if loads else []
-            metrics["evaluated_texts"] = texts
+            every = sorted(tuple(t) for part in allgather_json(texts) for t in part)
+            metrics["evaluated_texts"] = [text for _, _, text in every]
         return metrics
-
-
-def _sum_over_hosts(value: int) -> int:
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-    return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
 
 
 def unigram_baseline(cfg: Config, evaluated_texts: list[str]) -> float:
