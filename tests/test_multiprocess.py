@@ -31,7 +31,7 @@ TRAIN = ["model.vocab_size=384", "train.batch_size=8", "train.seq_len=32",
          "optimizer.warmup_steps=1"]
 MESHES = {
     "data2_expert4_shard_map": ["mesh.data=2", "mesh.expert=4",
-                                "model.moe.expert_parallel='shard_map'"],
+                                "model.moe.expert_parallel=shard_map"],
     "fsdp2_expert2_tensor2": ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
 }
 
@@ -151,7 +151,7 @@ def test_checkpoint_of_two_processes_continues_on_one(runs, tmp_path):
     assert_losses_close(train_records(same), want, [3, 4], RTOL)
     single = tmp_path / "resume-1x1"
     shutil.copytree(two, single)
-    run("train.py", single, ["mesh.data=1", "model.moe.expert_parallel='shard_map'",
+    run("train.py", single, ["mesh.data=1", "model.moe.expert_parallel=shard_map",
                              "train.steps=4"], processes=1, devices=1)
     assert_losses_close(train_records(single), want, [3, 4], RTOL_OTHER_MESH)
 

@@ -9,6 +9,9 @@ Splits are stable: a document is in validation iff a hash of its *key* maps belo
 glob's fixed directory prefix), "relpath:line" (jsonl) or "relpath:record" (arrayrecord),
 so the split does not depend on file order, on the Python process (no `hash()`), or on
 where the corpus directory lives.
+
+`data.path` may be a URL (gs://bucket/corpus/*.jsonl): text and jsonl files are then
+listed and read through `etils.epath` (moejax/storage.py); ArrayRecord files must be local.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moejax.config import DataConfig
+from moejax.storage import is_url
 
 SPLITS = ("train", "validation")
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
@@ -66,13 +70,34 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split={split!r} is invalid: use one of {list(SPLITS)}.")
 
 
-def glob_files(pattern: str, source: str) -> tuple[pathlib.Path, list[str]]:
+def _glob_url(pattern: str) -> tuple[Any, list[str]]:
+    """`glob_files` for a URL pattern, through epath."""
+    from etils import epath
+    scheme, rest = pattern.split("://", 1)
+    parts = rest.split("/")
+    fixed = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    root = epath.Path(f"{scheme}://{'/'.join(fixed)}")
+    relative = "/".join(parts[len(fixed):])
+    files = sorted(os.fspath(p) for p in root.glob(relative) if p.is_file())
+    return root, files
+
+
+def glob_files(pattern: str, source: str) -> tuple[Any, list[str]]:
     """(fixed directory prefix of `pattern`, sorted matching files) or a ValueError."""
-    files = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                   if os.path.isfile(p))
+    if is_url(pattern):
+        root, files = _glob_url(pattern)
+    else:
+        root, files = None, sorted(p for p in glob.glob(os.path.expanduser(pattern),
+                                                        recursive=True) if os.path.isfile(p))
     if not files:
         raise ValueError(f"no files match data.path={pattern!r} (data.source={source!r}); "
                          "check the glob (use '**' to recurse into folders).")
+    if root is not None:
+        return root, files
     parts = pathlib.Path(os.path.expanduser(pattern)).parts
     fixed = []
     for part in parts[:-1]:
@@ -83,15 +108,25 @@ def glob_files(pattern: str, source: str) -> tuple[pathlib.Path, list[str]]:
     return root, files
 
 
-def _relative(path: str, root: pathlib.Path) -> str:
+def _relative(path: str, root: Any) -> str:
+    if is_url(path):
+        return path[len(os.fspath(root).rstrip("/")) + 1:]
     return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _open(path: str):
+    """A binary file object for a local path or a URL (epath)."""
+    if is_url(path):
+        from etils import epath
+        return epath.Path(path).open("rb")
+    return open(path, "rb")
 
 
 class FileDocuments:
     """One document per file (builtin and text sources); files read lazily as UTF-8."""
 
-    def __init__(self, root: pathlib.Path, rel_paths: Sequence[str], name: str):
-        self.root = pathlib.Path(root)
+    def __init__(self, root: Any, rel_paths: Sequence[str], name: str):
+        self.root = root if is_url(root) else pathlib.Path(root)  # epath.Path for URLs
         self.rel_paths = list(rel_paths)
         self.name = name
 
@@ -99,8 +134,8 @@ class FileDocuments:
         return len(self.rel_paths)
 
     def __getitem__(self, index: int) -> str:
-        with open(self.root / self.rel_paths[index], "rb") as f:
-            return f.read().decode("utf-8", errors="replace")
+        return (self.root / self.rel_paths[index]).read_bytes().decode("utf-8",
+                                                                        errors="replace")
 
     def __repr__(self) -> str:
         return f"{self.name}({len(self)} documents under {str(self.root)!r})"
@@ -168,7 +203,7 @@ class JsonlSource:
         for fid, path in enumerate(self.files):
             s, e = self._line_offsets(path)
             if len(s):
-                with open(path, "rb") as f:
+                with _open(path) as f:
                     f.seek(int(s[0]))
                     _json_text(f.read(int(e[0] - s[0])), text_field, f"{path}:line 1")
             keep = _keep(item_fractions(_relative(path, root), len(s)), split,
@@ -187,7 +222,7 @@ class JsonlSource:
         """Start and end byte offsets of the non-blank lines of `path` (read in chunks)."""
         starts, ends, has_text = [], [], []
         pos, carry_start, carry_text = 0, 0, False
-        with open(path, "rb") as f:
+        with _open(path) as f:
             while buf := f.read(chunk):
                 data = np.frombuffer(buf, dtype=np.uint8)
                 text = np.concatenate([[0], np.cumsum(~np.isin(data, _WHITESPACE))])
@@ -214,10 +249,15 @@ class JsonlSource:
 
     def __getitem__(self, index: int) -> str:
         fid = int(self.file_ids[index])
+        start, end = int(self.starts[index]), int(self.ends[index])
+        if is_url(self.files[fid]):  # a handle per read: safe from grain's reader threads
+            with _open(self.files[fid]) as f:
+                f.seek(start)
+                raw = f.read(end - start)
+            return _json_text(raw, self.text_field, f"{self.files[fid]} (byte {start})")
         fd = self._fds.get(fid)
         if fd is None:
             fd = self._fds[fid] = os.open(self.files[fid], os.O_RDONLY)
-        start, end = int(self.starts[index]), int(self.ends[index])
         raw = os.pread(fd, end - start, start)
         return _json_text(raw, self.text_field, f"{self.files[fid]} (byte {start})")
 
@@ -242,6 +282,9 @@ class ArrayRecordSource:
         from array_record.python.array_record_module import ArrayRecordReader
 
         _check_split(split)
+        if is_url(pattern):
+            raise ValueError(f"data.path={pattern!r}: ArrayRecord files must be local (the "
+                             "reader opens files by name); copy them or use jsonl/text.")
         root, self.files = glob_files(pattern, "arrayrecord")
         self.text_field = text_field
         keys, offset = [], 0

@@ -8,7 +8,7 @@ and `samples` (greedy and nucleus samples from `prompt`, KV-cached decoding).
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 from typing import Any
 
 import jax
@@ -19,6 +19,7 @@ from moejax.config import Config, resolve
 from moejax.eval.generate import generate
 from moejax.train.heldout import HeldOut, expert_usage_table, unigram_baseline
 from moejax.sharding import make_mesh, use_mesh
+from moejax.storage import as_path
 from moejax.train import checkpoint
 from moejax.train.loop import check_inputs
 from moejax.train.state import make_setup
@@ -47,12 +48,12 @@ def _on_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | pathlib.Path, *,
+def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | os.PathLike, *,
              prompt: str = "def ", max_new_tokens: int = 200, num_batches: int | None = None,
              seed: int = 0) -> dict[str, Any]:
     """Evaluates the newest checkpoint of `workdir`; returns what it writes to eval.json."""
     cfg = config if isinstance(config, Config) else resolve(config)
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)  # a local folder or a URL (moejax.storage)
     step = checkpoint.latest_step(workdir)
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint.checkpoint_dir(workdir)}"

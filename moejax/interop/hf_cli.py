@@ -12,6 +12,11 @@ DeepSeek-V3 and DeepSeek-V4 alike: import picks the converter by config.json's
     export --workdir W --out DIR [--dtype bfloat16] [--step N]
         Writes the newest (or step N) checkpoint of W as a HF `deepseek_v3` / `deepseek_v4`
         folder.
+
+--multihost (either command) starts distributed JAX first, as train.py does
+(moejax/distributed.py): every process runs the command, the parameters are sharded over
+all processes' devices, and process 0 writes the config file / the HF folder. W may be a
+URL (gs://...); DIR and the HF folder are local.
 """
 from __future__ import annotations
 
@@ -23,12 +28,16 @@ import sys
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 from moejax import data as moedata
+from moejax import distributed
 from moejax.config import resolve
 from moejax.interop import hf, hf_config, hf_v4, hf_v4_config
 from moejax.model.build import architecture_of
 from moejax.sharding import make_mesh, use_mesh
+from moejax.storage import as_path
 from moejax.train import checkpoint
 from moejax.train.state import FROZEN, TrainState, make_setup
 
@@ -77,11 +86,11 @@ def load_any(hf_dir: str, dtype: str = "float32") -> tuple[ml_collections.Config
     return LOADERS.get(model_type, _load_v3)(hf_dir, dtype)
 
 
-def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> pathlib.Path:
+def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> epath.Path:
     """HF folder -> `workdir` with a step-0 checkpoint and its config file; returns the file."""
     config, variables = load_any(hf_dir, dtype)
     cfg = resolve(config)
-    work = pathlib.Path(workdir)
+    work = as_path(workdir)  # a local folder or a URL (moejax.storage)
     if checkpoint.latest_step(work) is not None:
         raise ValueError(f"{work} already holds checkpoints; import into a new --workdir.")
     mesh = make_mesh(cfg.mesh)
@@ -103,7 +112,7 @@ def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> path
         finally:
             checkpoint.close(manager)
     path = work / CONFIG_FILE
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         body = pprint.pformat(config.to_dict(), indent=1, width=96, sort_dicts=False)
         path.write_text(_CONFIG_TEMPLATE.format(source=hf_dir, path=path, workdir=work,
                                                 body=body))
@@ -128,6 +137,10 @@ def export_checkpoint(workdir: str, out_dir: str, dtype: str | None = None,
                 state=ocp.args.StandardRestore(setup.abstract)))["state"]
     variables = {"params": state.params, "moe_bias": state.moe_bias,
                  **getattr(state, "frozen", {})}
+    if jax.process_count() > 1:  # whole arrays on every host; process 0 writes them
+        variables = multihost_utils.process_allgather(variables, tiled=True)
+        if not distributed.is_primary():
+            return step
     SAVERS[architecture_of(cfg.model).hf_model_type](cfg.model, variables, out_dir, dtype)
     return step
 
@@ -146,7 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("--dtype", default=None, help="weight dtype, e.g. bfloat16 (default: as "
                      "stored)")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    for command in (imp, exp):
+        command.add_argument("--multihost", action="store_true",
+                             help="call jax.distributed.initialize() first (as train.py)")
     args = parser.parse_args(argv)
+    distributed.initialize(args.multihost)
     try:
         if args.command == "import":
             path = import_checkpoint(args.hf_dir, args.workdir, args.dtype)

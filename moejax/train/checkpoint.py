@@ -20,13 +20,15 @@ the fields, before anything is written.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 from typing import Any, Mapping
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 from moejax.config import Config
 from moejax.data import iterator_checkpoint_args
+from moejax.storage import as_path, is_url
 from moejax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
@@ -38,9 +40,21 @@ RUNTIME_MODEL_FIELDS = frozenset({
     "moe.bias_update_rate"})
 
 
-def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
-    """Where the CheckpointManager of `workdir` keeps its steps."""
-    return pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+# URL schemes whose checkpoints Orbax can write (its arrays go through TensorStore's
+# `gcs` kvstore; everything else must be a local path). See moejax/storage.py.
+CHECKPOINT_SCHEMES = ("gs",)
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    """Where the CheckpointManager of `workdir` keeps its steps (a local path or gs://)."""
+    path = as_path(workdir) / CHECKPOINT_DIR
+    scheme = os.fspath(path).split("://", 1)[0] if is_url(path) else None
+    if scheme is not None and scheme not in CHECKPOINT_SCHEMES:
+        raise ValueError(
+            f"workdir {os.fspath(workdir)!r}: Orbax checkpoints can be written to a local "
+            f"path or {[s + '://' for s in CHECKPOINT_SCHEMES]}, not {scheme}://; use a "
+            "local (or GCSFuse-mounted) workdir or a gs:// bucket.")
+    return path
 
 
 def config_dict(cfg: Config) -> dict[str, Any]:
@@ -71,7 +85,7 @@ def model_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
     return diffs
 
 
-def latest_step(workdir: str | pathlib.Path) -> int | None:
+def latest_step(workdir: str | os.PathLike) -> int | None:
     """Newest complete checkpoint step in `workdir`, or None; reads only."""
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
@@ -81,7 +95,7 @@ def latest_step(workdir: str | pathlib.Path) -> int | None:
         return manager.latest_step()
 
 
-def saved_config(workdir: str | pathlib.Path, step: int) -> dict[str, Any]:
+def saved_config(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
     """The resolved config stored with checkpoint `step` (read-only)."""
     with ocp.CheckpointManager(
             checkpoint_dir(workdir),
@@ -91,7 +105,7 @@ def saved_config(workdir: str | pathlib.Path, step: int) -> dict[str, Any]:
     return restored["config"]
 
 
-def check_compatible(workdir: str | pathlib.Path, cfg: Config) -> int | None:
+def check_compatible(workdir: str | os.PathLike, cfg: Config) -> int | None:
     """Raises ValueError if the newest checkpoint's model differs; returns its step."""
     step = latest_step(workdir)
     if step is None:
@@ -106,7 +120,7 @@ def check_compatible(workdir: str | pathlib.Path, cfg: Config) -> int | None:
     return step
 
 
-def make_manager(workdir: str | pathlib.Path, keep: int) -> ocp.CheckpointManager:
+def make_manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
     """Asynchronous manager keeping the newest `keep` checkpoints (creates the folder)."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=True)
@@ -138,7 +152,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainStat
     return restored["state"]
 
 
-def load_state(workdir: str | pathlib.Path, abstract_state: TrainState,
+def load_state(workdir: str | os.PathLike, abstract_state: TrainState,
                step: int | None = None) -> TrainState:
     """The train state of checkpoint `step` (default: newest) of `workdir`, read-only.
 

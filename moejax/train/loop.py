@@ -19,7 +19,6 @@ Order of work, so that a bad input fails before anything is written:
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 from typing import Any, Callable, Mapping
 
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from moejax import data as moedata
 from moejax.config import Config, resolve
 from moejax.distributed import BatchLayout
+from moejax.storage import as_path
 from moejax.sharding import make_mesh, use_mesh
 from moejax.train import checkpoint
 from moejax.train.metrics import (MetricsWriter, flops_per_token, host_metrics,
@@ -101,7 +101,7 @@ def _say(message: str) -> None:
         tqdm.write(message)
 
 
-def _start(setup: TrainSetup, cfg: Config, workdir: pathlib.Path, manager: Any,
+def _start(setup: TrainSetup, cfg: Config, workdir: Any, manager: Any,
            train_it: Any) -> TrainState:
     """Resumes from the newest complete checkpoint, or initialises a fresh state."""
     step = manager.latest_step()
@@ -151,14 +151,14 @@ def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any, man
     return state
 
 
-def _write_config(workdir: pathlib.Path, cfg: Config) -> None:
+def _write_config(workdir: Any, cfg: Config) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         text = json.dumps(checkpoint.config_dict(cfg), indent=2)
         (workdir / "config.json").write_text(text + "\n", encoding="utf-8")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str | pathlib.Path,
+def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: Any,
                        *, eval_hook: EvalHook | None = None) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its newest checkpoint), then evaluates.
 
@@ -169,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
     missing or too little data, or a workdir holding another model's checkpoint.
     """
     cfg = config if isinstance(config, Config) else resolve(config)
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)  # a local folder or a URL (moejax.storage)
     tokenizer, summary = check_inputs(cfg)
     mesh = make_mesh(cfg.mesh)
     with use_mesh(mesh):

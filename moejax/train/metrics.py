@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
 from typing import Any, Mapping
 
 import jax
@@ -35,6 +35,7 @@ import numpy as np
 
 from moejax.config import AnyModelConfig
 from moejax.model.build import architecture_of
+from moejax.storage import JsonLines, as_path, tensorboard_writer
 
 # Dense bf16 peak FLOP/s per chip, matched against `device.device_kind` (first hit wins,
 # so more specific names come first). Sources: Google Cloud TPU and NVIDIA data sheets
@@ -107,15 +108,14 @@ def throughput(step_time: float, tokens_per_step: int, flops_per_tok: float,
 class MetricsWriter:
     """Appends records to metrics.jsonl and TensorBoard; a no-op unless `enabled`."""
 
-    def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
-        if enabled:
-            from tensorboardX import SummaryWriter
-            workdir = pathlib.Path(workdir)
-            self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        if enabled:  # local folders or URLs (moejax.storage)
+            workdir = as_path(workdir)
+            self._jsonl = JsonLines(workdir / "metrics.jsonl")
+            self._tb = tensorboard_writer(workdir / "tensorboard")
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         """One record: a JSON line {"step": step, **metrics} and one scalar per name."""
@@ -123,7 +123,6 @@ class MetricsWriter:
             return
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
         for name, value in metrics.items():
             self._tb.add_scalar(name, float(value), int(step))
         self._tb.flush()
