@@ -331,7 +331,7 @@ def test_state_round_trip_resumes_exactly(tmp_path):
     for skip in range(12):  # covers states with and without a split remainder
         it = make_train_iterator(cfg, tok, 8, 2)
         take(it, skip)
-        state = json.loads(json.dumps(it.get_state()))  # what Orbax's grain handler does
+        state = json.loads(json.dumps(it.get_state()))  # a checkpoint's JSON round trip
         want = take(it, 5)
         resumed = make_train_iterator(cfg, tok, 8, 2)
         resumed.set_state(state)

@@ -91,3 +91,18 @@ def test_expert_divisibility_counts_the_dcn_expert_slices():
     mesh_config({"expert": 4, "dcn_expert": 2}, model)
     with pytest.raises(ValueError, match="mesh.expert x mesh.dcn_expert"):
         mesh_config({"expert": 4, "dcn_expert": 4}, model)
+
+
+def test_batch_layout_of_one_process_is_every_row_in_order():
+    from moejax.distributed import BatchLayout
+    from moejax.train.step import batch_sharding
+    mesh = make_mesh(MeshConfig(data=2, expert=2, tensor=2))
+    layout = BatchLayout(batch_sharding(mesh, 8, 4), 8, 4)
+    np.testing.assert_array_equal(layout.rows, np.arange(8))
+    assert layout.owned.all()
+    host = {"tokens": np.arange(32, dtype=np.int32).reshape(8, 4)}
+    out = layout.to_global(host)["tokens"]
+    assert out.sharding == batch_sharding(mesh, 8, 4)
+    np.testing.assert_array_equal(np.asarray(out), host["tokens"])
+    with pytest.raises(ValueError, match="supplies 8 rows"):
+        layout.to_global({"tokens": host["tokens"][:4]})

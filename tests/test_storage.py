@@ -20,6 +20,20 @@ TRAIN = ["model.vocab_size=384", "train.batch_size=8", "train.seq_len=32", "trai
          "train.save_every=2", "train.eval_batches=1", "optimizer.warmup_steps=1"]
 
 
+def _with_generation(download):
+    """GCS sends `x-goog-generation` with an object's bytes and TensorStore reads it
+    (Orbax's OCDBT manifest); gcp-storage-emulator 2026.7 leaves it out, so add it."""
+    def with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"],
+                                       request.params["object_id"])
+            response["x-goog-generation"] = obj["generation"]
+        except Exception:  # noqa: BLE001 - a missing object stays a 404
+            pass
+    return with_generation
+
+
 @pytest.fixture
 def gcs(monkeypatch, tmp_path):
     """An in-memory GCS emulator with bucket `moejax`; the test runs in an empty folder."""
@@ -33,6 +47,8 @@ def gcs(monkeypatch, tmp_path):
     monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # Orbax's array writes
     monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "offline")  # TensorStore: no auth
     monkeypatch.setenv("EPATH_USE_TF", "false")
+    objects = pytest.importorskip("gcp_storage_emulator.handlers.objects")
+    monkeypatch.setattr(objects, "download", _with_generation(objects.download))
     server = server_module.create_server("127.0.0.1", port, in_memory=True,
                                          default_bucket="moejax")
     server.start()
@@ -46,13 +62,18 @@ def gcs(monkeypatch, tmp_path):
         backend.fsspec_backend._get_filesystem.cache_clear()
 
 
+@pytest.mark.slow  # ~1 min alone, 3.5 min on a busy 2-core machine (compiles in-process)
 def test_train_resume_eval_on_gcs(gcs, tmp_path):
     from etils import epath
+    corpus = epath.Path(f"{gcs}/corpus")
+    for i in range(40):  # the documents are read from the bucket too
+        (corpus / f"doc{i:02d}.txt").write_text(f"document {i}: " + "lorem ipsum " * 40)
+    data = ["data.source=text", f"data.path={corpus}/*.txt", "data.validation_fraction=0.25"]
     workdir = f"{gcs}/runs/tiny"
-    first = train_and_evaluate(small_config(*TRAIN, "train.steps=2"), workdir)
-    resumed = train_and_evaluate(small_config(*TRAIN, "train.steps=3"), workdir)
+    first = train_and_evaluate(small_config(*TRAIN, *data, "train.steps=2"), workdir)
+    resumed = train_and_evaluate(small_config(*TRAIN, *data, "train.steps=3"), workdir)
     assert (first["step"], resumed["step"]) == (2, 3)
-    result = evaluate(small_config(*TRAIN), workdir, max_new_tokens=4)
+    result = evaluate(small_config(*TRAIN, *data), workdir, max_new_tokens=4)
     assert result["step"] == 3
     run = epath.Path(workdir)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
