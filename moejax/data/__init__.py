@@ -32,7 +32,6 @@ from moejax.data.pipeline import (
     make_eval_iterator,
     make_train_iterator,
 )
-from moejax.data.streams import GlobalBatchIterator
 from moejax.data.sources import (
     ArrayRecordSource,
     FileDocuments,
@@ -42,6 +41,7 @@ from moejax.data.sources import (
     stdlib_files,
     text_source,
 )
+from moejax.data.streams import GlobalBatchIterator
 from moejax.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -52,8 +52,9 @@ from moejax.data.tokenizer import (
 )
 
 __all__ = [
-    "ArrayRecordSource", "ByteTokenizer", "DataSummary", "GlobalBatchIterator", "FileDocuments", "HFTokenizer",
-    "JsonlSource", "Tokenizer", "builtin_source", "check_enough_data", "decoded_num_bytes",
-    "iterator_checkpoint_args", "make_eval_iterator", "make_source", "make_tokenizer",
-    "make_train_iterator", "stdlib_files", "text_source", "unigram_bits_per_byte",
+    "ArrayRecordSource", "ByteTokenizer", "DataSummary", "FileDocuments", "GlobalBatchIterator",
+    "HFTokenizer", "JsonlSource", "Tokenizer", "builtin_source", "check_enough_data",
+    "decoded_num_bytes", "iterator_checkpoint_args", "make_eval_iterator", "make_source",
+    "make_tokenizer", "make_train_iterator", "stdlib_files", "text_source",
+    "unigram_bits_per_byte",
 ]

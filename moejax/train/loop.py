@@ -19,18 +19,20 @@ Order of work, so that a bad input fails before anything is written:
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
+from etils import epath
 from tqdm.auto import tqdm
 
 from moejax import data as moedata
 from moejax.config import Config, resolve
 from moejax.distributed import BatchLayout
-from moejax.storage import as_path
 from moejax.sharding import make_mesh, use_mesh
+from moejax.storage import as_path
 from moejax.train import checkpoint
 from moejax.train.metrics import (MetricsWriter, flops_per_token, host_metrics,
                                   peak_flops_per_device, throughput)
@@ -101,7 +103,7 @@ def _say(message: str) -> None:
         tqdm.write(message)
 
 
-def _start(setup: TrainSetup, cfg: Config, workdir: Any, manager: Any,
+def _start(setup: TrainSetup, cfg: Config, workdir: epath.Path, manager: Any,
            train_it: Any) -> TrainState:
     """Resumes from the newest complete checkpoint, or initialises a fresh state."""
     step = manager.latest_step()
@@ -151,14 +153,14 @@ def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any, man
     return state
 
 
-def _write_config(workdir: Any, cfg: Config) -> None:
+def _write_config(workdir: epath.Path, cfg: Config) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         text = json.dumps(checkpoint.config_dict(cfg), indent=2)
         (workdir / "config.json").write_text(text + "\n", encoding="utf-8")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: Any,
+def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str | os.PathLike,
                        *, eval_hook: EvalHook | None = None) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming from its newest checkpoint), then evaluates.
 
