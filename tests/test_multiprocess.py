@@ -209,3 +209,33 @@ def test_a_killed_peer_stops_the_job_and_a_restart_resumes(tmp_path):
     restarted = pathlib.Path(f"{workdir.parent}/{workdir.name}-train-2x4.0").read_text()
     assert f"resumed from the checkpoint at step {newest}" in restarted
     assert (workdir / "checkpoints" / str(newest + 1)).is_dir()
+
+
+@pytest.mark.slow  # torch builds the HF model; four CLI launches
+def test_hf_import_and_export_in_two_processes_match_one(tmp_path):
+    """`python -m moejax.interop.hf import/export --multihost` in 2 x 4 devices writes the
+    checkpoint and the HF folder that 1 x 8 devices write."""
+    transformers = pytest.importorskip("transformers")
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from test_hf_v3 import _randomise, tiny_hf_config
+    hf_cfg = tiny_hf_config()
+    hf_cfg.vocab_size = 384
+    model = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
+    _randomise(model, 3)
+    model.save_pretrained(tmp_path / "hf")
+    cli = [sys.executable, "-m", "moejax.interop.hf"]
+    exported = {}
+    for processes, devices in ((2, 4), (1, 8)):
+        work, out = tmp_path / f"work-{processes}", tmp_path / f"out-{processes}"
+        for args in (["import", "--hf-dir", str(tmp_path / "hf"), "--workdir", str(work)],
+                     ["export", "--workdir", str(work), "--out", str(out)]):
+            log = tmp_path / f"{args[0]}-{processes}"
+            extra = ["--multihost"] if processes > 1 else []
+            codes = wait_all(launch([*cli, *args, *extra], processes, devices, log), log)
+            assert codes == [0] * processes, pathlib.Path(f"{log}.0").read_text()[-3000:]
+        exported[processes] = {}
+        for file in sorted(out.glob("*.safetensors")):
+            exported[processes].update(safetensors_numpy.load_file(str(file)))
+    assert sorted(exported[2]) == sorted(exported[1]) and exported[1]
+    for name, value in exported[1].items():
+        assert (exported[2][name] == value).all(), name
