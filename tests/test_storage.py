@@ -62,7 +62,7 @@ def gcs(monkeypatch, tmp_path):
         backend.fsspec_backend._get_filesystem.cache_clear()
 
 
-@pytest.mark.slow  # ~1 min alone, 3.5 min on a busy 2-core machine (compiles in-process)
+@pytest.mark.slow  # 40 s with a warm compile cache, 3.5 min cold on a busy 2-core machine
 def test_train_resume_eval_on_gcs(gcs, tmp_path):
     from etils import epath
     corpus = epath.Path(f"{gcs}/corpus")
