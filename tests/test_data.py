@@ -412,3 +412,30 @@ def test_worker_processes_resume_exactly(tmp_path):
     got = take(resumed, 4)
     resumed.close()
     assert same_batches(got, want)
+
+
+def test_checkpoint_of_the_grain_format_still_resumes(tmp_path):
+    """Checkpoints written before data streams hold grain's per-process JSON; one process
+    with one stream read exactly today's stream 0, so they resume where they stopped."""
+    import orbax.checkpoint as ocp
+    from grain.checkpoint import CheckpointSave
+    from moejax.train import checkpoint
+    cfg = write_docs(tmp_path / "c", docs_filling(8 * 2 * 9, 10, seed=6))
+    tok = ByteTokenizer()
+    it = make_train_iterator(cfg, tok, 8, 2)
+    take(it, 3)
+    state = {"w": np.arange(3.0)}
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:  # the format before streams
+        mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=CheckpointSave(it.streams[0])))
+        mngr.wait_until_finished()
+    want = take(it, 4)
+    fresh = make_train_iterator(cfg, tok, 8, 2)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        restored = checkpoint.restore(mngr, 3, state, fresh)
+    assert np.array_equal(restored["w"], state["w"])
+    assert same_batches(take(fresh, 4), want)
+    two_streams = make_train_iterator(DataConfig(**{**cfg.__dict__, "streams": 2}), tok, 8, 2)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        with pytest.raises(ValueError, match="one process with data.streams=1"):
+            checkpoint.restore(mngr, 3, state, two_streams)

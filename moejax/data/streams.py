@@ -53,6 +53,7 @@ class GlobalBatchIterator:
     def __init__(self, streams: Mapping[int, Any], rows_per_stream: int, rows: np.ndarray):
         self.streams = dict(sorted(streams.items()))
         self.rows_per_stream = rows_per_stream
+        self.rows = rows
         order = {s: i for i, s in enumerate(self.streams)}
         # position of each wanted global row inside the concatenated blocks of our streams
         self._take = np.asarray([order[r // rows_per_stream] * rows_per_stream

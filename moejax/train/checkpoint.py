@@ -20,6 +20,7 @@ the fields, before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Mapping
 
@@ -145,11 +146,40 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState,
             iterator: Any) -> TrainState:
     """Restores checkpoint `step` onto `abstract_state`'s shardings; the iterator in place."""
+    legacy = _grain_data_state(manager, step, iterator)
+    if legacy is not None:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        iterator.set_state(legacy)
+        return restored["state"]
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=iterator_checkpoint_args(iterator, restore=True)))
     iterator.set_state(restored["data"])
     return restored["state"]
+
+
+def _grain_data_state(manager: ocp.CheckpointManager, step: int, iterator: Any
+                      ) -> dict[str, Any] | None:
+    """The data state of a checkpoint written before data streams, or None.
+
+    Such checkpoints hold grain's per-process iterator JSON (`data/process_<i>-of-<n>.json`).
+    One process with one stream read exactly today's stream 0, so its state carries over;
+    a multi-process one read per-process document shares that no longer exist.
+    """
+    folder = epath.Path(manager.directory) / str(step) / "data"
+    files = sorted(folder.glob("process_*-of-*.json")) if folder.exists() else []
+    if not files:
+        return None
+    if len(files) > 1 or files[0].name != "process_0-of-1.json" or \
+            list(iterator.streams) != [0] or len(iterator.rows) != iterator.rows_per_stream:
+        raise ValueError(
+            f"checkpoint {folder.parent} was written by {len(files)} process(es) before "
+            "moejax read one global batch for all processes (data.streams); its data "
+            "position can only be resumed by one process with data.streams=1. Resume it "
+            "so, or start a new --workdir.")
+    return {"rows_per_stream": iterator.rows_per_stream,
+            "streams": {"0": json.loads(files[0].read_text())}}
 
 
 def load_state(workdir: str | os.PathLike, abstract_state: TrainState,
