@@ -55,8 +55,13 @@ def launch(args: list[str], processes: int, devices: int, log: pathlib.Path,
     base = {**subprocess_env(), **(env or {}),
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     if processes > 1:
+        # No persistent compile cache here: jax 0.10.2 keys a program differently in each
+        # process and only process 0 writes, so with a warm cache process 0 loads while
+        # the others compile; the first collective then waits for them in gloo's context
+        # set-up, which gives up after a fixed 30 s (measured: a 45 s skew fails even with
+        # --xla_cpu_collective_timeout_seconds=120). Compiling everywhere keeps them level.
         base.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
-                    JAX_NUM_PROCESSES=str(processes))
+                    JAX_NUM_PROCESSES=str(processes), JAX_ENABLE_COMPILATION_CACHE="false")
     procs = []
     for i in range(processes):
         proc_env = {**base, "JAX_PROCESS_ID": str(i)} if processes > 1 else base
