@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
@@ -99,7 +100,6 @@ def allgather_json(value: Any) -> list[Any]:
     """Every process's JSON-able `value`, in process order (a collective; [value] alone)."""
     if jax.process_count() == 1:
         return [value]
-    from jax.experimental import multihost_utils
     raw = np.frombuffer(json.dumps(value).encode("utf-8"), dtype=np.uint8)
     sizes = multihost_utils.process_allgather(np.asarray([raw.size], np.int64))
     padded = np.zeros(int(np.max(sizes)), np.uint8)

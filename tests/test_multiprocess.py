@@ -218,7 +218,7 @@ def test_a_killed_peer_stops_the_job_and_a_restart_resumes(tmp_path):
 
 @pytest.mark.slow  # torch builds the HF model; four CLI launches
 def test_hf_import_and_export_in_two_processes_match_one(tmp_path):
-    """`python -m moejax.interop.hf import/export --multihost` in 2 x 4 devices writes the
+    """`python -m moejax.interop import/export --multihost` in 2 x 4 devices writes the
     checkpoint and the HF folder that 1 x 8 devices write."""
     transformers = pytest.importorskip("transformers")
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -228,7 +228,7 @@ def test_hf_import_and_export_in_two_processes_match_one(tmp_path):
     model = transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
     _randomise(model, 3)
     model.save_pretrained(tmp_path / "hf")
-    cli = [sys.executable, "-m", "moejax.interop.hf"]
+    cli = [sys.executable, "-m", "moejax.interop"]
     exported = {}
     for processes, devices in ((2, 4), (1, 8)):
         work, out = tmp_path / f"work-{processes}", tmp_path / f"out-{processes}"

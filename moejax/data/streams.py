@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
+from moejax.distributed import allgather_json
+
 Batch = dict[str, np.ndarray]
 
 
@@ -105,7 +107,6 @@ def global_state(iterator: GlobalBatchIterator) -> dict[str, Any]:
 
     A collective: every process must call it at the same point (checkpoint saves are).
     """
-    from moejax.distributed import allgather_json
     return merge_states(allgather_json(iterator.get_state()))
 
 
