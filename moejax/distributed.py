@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
@@ -95,11 +96,21 @@ class BatchLayout:
         return read
 
 
+def sync(name: str) -> None:
+    """Waits until every process reaches `sync(name)` (no-op with one process).
+
+    Used after a read-only look at the workdir and before any process creates in it, so
+    no process sees what another has just made (Orbax's managers synchronise on create,
+    and processes that disagree on whether checkpoints exist wait in different places).
+    """
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def allgather_json(value: Any) -> list[Any]:
     """Every process's JSON-able `value`, in process order (a collective; [value] alone)."""
     if jax.process_count() == 1:
         return [value]
-    from jax.experimental import multihost_utils
     raw = np.frombuffer(json.dumps(value).encode("utf-8"), dtype=np.uint8)
     sizes = multihost_utils.process_allgather(np.asarray([raw.size], np.int64))
     padded = np.zeros(int(np.max(sizes)), np.uint8)
@@ -115,4 +126,4 @@ def sum_over_processes(value: int) -> int:
 
 
 __all__ = ["BatchLayout", "allgather_json", "initialize", "is_primary", "requested",
-           "sum_over_processes"]
+           "sum_over_processes", "sync"]

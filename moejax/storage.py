@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 from etils import epath
+from tensorboardX import SummaryWriter, record_writer
 
 PathLike = str | os.PathLike
 
@@ -85,8 +86,6 @@ class _EpathRecordWriterFactory:
 
 def tensorboard_writer(logdir: epath.Path) -> Any:
     """A tensorboardX SummaryWriter for `logdir`; URLs are written through epath."""
-    from tensorboardX import SummaryWriter
-    from tensorboardX import record_writer
     if is_url(logdir):
         scheme = os.fspath(logdir).split("://", 1)[0]
         record_writer.register_writer_factory(scheme, _EpathRecordWriterFactory())

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+import orbax.checkpoint as ocp
 from grain.experimental import ConcatThenSplitIterDataset
 
 from moejax.config import DataConfig
@@ -261,7 +262,6 @@ def iterator_checkpoint_args(iterator: GlobalBatchIterator, restore: bool):
     `ocp.args.JsonRestore()`; pass the restored dict to `iterator.set_state`. One state for
     the whole job, so a checkpoint restores on any number of processes.
     """
-    import orbax.checkpoint as ocp
     if restore:
         return ocp.args.JsonRestore()
     return ocp.args.JsonSave(global_state(iterator))

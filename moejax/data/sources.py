@@ -24,6 +24,7 @@ import sysconfig
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 
 from moejax.config import DataConfig
 from moejax.storage import is_url
@@ -72,7 +73,6 @@ def _check_split(split: str) -> None:
 
 def _glob_url(pattern: str) -> tuple[Any, list[str]]:
     """`glob_files` for a URL pattern, through epath."""
-    from etils import epath
     scheme, rest = pattern.split("://", 1)
     parts = rest.split("/")
     fixed = []
@@ -117,7 +117,6 @@ def _relative(path: str, root: Any) -> str:
 def _open(path: str):
     """A binary file object for a local path or a URL (epath)."""
     if is_url(path):
-        from etils import epath
         return epath.Path(path).open("rb")
     return open(path, "rb")
 

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from moejax.config import Config, resolve
 from moejax.eval.generate import generate
@@ -44,7 +45,6 @@ def _on_host(tree: Any) -> Any:
     """The whole of each array on this host (arrays sharded over processes are gathered)."""
     if jax.process_count() == 1:
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
 
 

@@ -93,6 +93,7 @@ def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "float32") -> epat
     work = as_path(workdir)  # a local folder or a URL (moejax.storage)
     if checkpoint.latest_step(work) is not None:
         raise ValueError(f"{work} already holds checkpoints; import into a new --workdir.")
+    distributed.sync("moejax: workdir checked")  # before any process creates in it
     mesh = make_mesh(cfg.mesh)
     with use_mesh(mesh):
         setup = make_setup(cfg, mesh)

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from moejax import data as moedata
 from moejax.config import Config, resolve
+from moejax import distributed
 from moejax.distributed import BatchLayout
-from moejax.storage import as_path
 from moejax.sharding import make_mesh, use_mesh
+from moejax.storage import as_path
 from moejax.train import checkpoint
 from moejax.train.metrics import (MetricsWriter, flops_per_token, host_metrics,
                                   peak_flops_per_device, throughput)
@@ -177,6 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
     with use_mesh(mesh):
         setup = make_setup(cfg, mesh)
         checkpoint.check_compatible(workdir, cfg)
+        distributed.sync("moejax: workdir checked")  # before any process creates in it
         _write_config(workdir, cfg)
         writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
         manager = checkpoint.make_manager(workdir, cfg.train.keep_checkpoints)
