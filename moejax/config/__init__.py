@@ -6,16 +6,39 @@
 - `schema`: every other section, `Config` and `resolve` (validation);
 - `files`: experiment config files and 'a.b.c=value' overrides.
 """
-from moejax.config.choices import (ARCHITECTURES, ATTENTION_IMPLS, ATTENTION_TYPES, DISPATCHES,
-                                   DROPLESS_BACKENDS, DTYPES, EXPERT_PARALLEL,
-                                   EXPERT_TRANSPORTS, MESH_AXES, REMAT_POLICIES, ROPE_STYLES,
-                                   SCORE_FUNCTIONS)
+from moejax.config.choices import (
+                                   ARCHITECTURES,
+                                   ATTENTION_IMPLS,
+                                   ATTENTION_TYPES,
+                                   DISPATCHES,
+                                   DROPLESS_BACKENDS,
+                                   DTYPES,
+                                   EXPERT_PARALLEL,
+                                   EXPERT_TRANSPORTS,
+                                   MESH_AXES,
+                                   REMAT_POLICIES,
+                                   ROPE_STYLES,
+                                   SCORE_FUNCTIONS,
+)
 from moejax.config.coerce import dataclass_from_dict
 from moejax.config.files import apply_overrides, load_config, load_config_file
-from moejax.config.schema import (AnyModelConfig, Config, DataConfig, MeshConfig, MLAConfig,
-                                  ModelConfig, MoEConfig, MTPConfig, OptimizerConfig,
-                                  RopeConfig, TrainConfig, mesh_config, model_config, resolve,
-                                  validate, validate_model)
+from moejax.config.mesh import MeshConfig, mesh_config
+from moejax.config.schema import (
+                                   AnyModelConfig,
+                                   Config,
+                                   DataConfig,
+                                   MLAConfig,
+                                   ModelConfig,
+                                   MoEConfig,
+                                   MTPConfig,
+                                   OptimizerConfig,
+                                   RopeConfig,
+                                   TrainConfig,
+                                   model_config,
+                                   resolve,
+                                   validate,
+                                   validate_model,
+)
 from moejax.config.v4 import V4Config, v4_config
 
 __all__ = ["ARCHITECTURES", "ATTENTION_IMPLS", "ATTENTION_TYPES", "DISPATCHES",

@@ -8,26 +8,28 @@ anything is traced. Every field is declared below with its meaning.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
 
+from moejax.config.checks import check as _check
+from moejax.config.checks import choice as _choice
 from moejax.config.choices import (
-    SCORE_FUNCTIONS,
+    ARCHITECTURES,
+    ATTENTION_IMPLS,
+    ATTENTION_TYPES,
     DISPATCHES,
+    DROPLESS_BACKENDS,
+    DTYPES,
     EXPERT_PARALLEL,
     EXPERT_TRANSPORTS,
-    DROPLESS_BACKENDS,
     REMAT_POLICIES,
     ROPE_STYLES,
-    ATTENTION_TYPES,
-    ARCHITECTURES,
-    DTYPES,
-    ATTENTION_IMPLS,
-    MESH_AXES)
+    SCORE_FUNCTIONS,
+)
 from moejax.config.coerce import dataclass_from_dict
+from moejax.config.mesh import MeshConfig, mesh_config
 from moejax.config.v4 import V4Config, v4_config
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,26 +136,6 @@ AnyModelConfig = ModelConfig | V4Config
 
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh: each axis is (inside one slice, ICI) x (across slices, DCN) devices.
-
-    The four plain fields split the devices of one slice (a TPU slice, or all devices when
-    there is one); the `dcn_*` fields split the slices of a multi-slice job, which talk over
-    the data-centre network (MaxText's ici_* / dcn_* split). Mesh axis `a` has
-    `a * dcn_a` devices. One slice: every dcn_* resolves to 1, so single-slice configs are
-    unchanged. Several slices: by default the data axis spans them (dcn_data=-1).
-    """
-    data: int = -1  # replicas of the parameters; -1 = every device not used by the others
-    fsdp: int = 1  # parameters sharded, gathered per layer
-    expert: int = 1  # experts split; the batch is split over it too outside the MoE
-    tensor: int = 1  # heads / hidden dims split
-    dcn_data: int = -1  # slices along data; -1 = every slice not used by the other dcn_*
-    dcn_fsdp: int = 1  # slices along fsdp (parameter gathers cross the DCN: rarely wise)
-    dcn_expert: int = 1  # slices along expert (all-to-alls cross the DCN)
-    dcn_tensor: int = 1  # slices along tensor (per-layer collectives over DCN: avoid)
-
-
-@dataclasses.dataclass(frozen=True)
 class DataConfig:
     source: str = "builtin"  # "builtin" (Python stdlib sources), "text", "jsonl", "arrayrecord"
     path: str = ""  # glob of input files for text / jsonl / arrayrecord
@@ -200,15 +182,6 @@ class OptimizerConfig:
     grad_clip_norm: float = 1.0  # global-norm clipping (0 disables)
     muon_momentum: float = 0.95  # Muon: Nesterov momentum of the matrix updates
     muon_ns_steps: int = 5  # Muon: Newton-Schulz iterations of the orthogonalisation
-
-
-def _check(ok: bool, field: str, value: Any, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"{field}={value!r} is invalid: {fix}")
-
-
-def _choice(field: str, value: str, choices: Sequence[str]) -> None:
-    _check(value in choices, field, value, f"use one of {list(choices)}.")
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -284,38 +257,6 @@ def validate_moe(e: MoEConfig) -> None:
         _check(getattr(e, name) >= 0, f"model.moe.{name}", getattr(e, name), "must be >= 0.")
 
 
-def validate_mesh(mesh: MeshConfig, model: AnyModelConfig | None = None) -> None:
-    """Checks axis sizes and that the model's sharded dims divide by them."""
-    for prefix, what in (("", "devices of a slice"), ("dcn_", "slices")):
-        sizes = {f"{prefix}{a}": getattr(mesh, f"{prefix}{a}") for a in MESH_AXES}
-        for axis, size in sizes.items():
-            _check(size == -1 or size >= 1, f"mesh.{axis}", size, "use a positive size or -1.")
-        _check(list(sizes.values()).count(-1) <= 1, "mesh", sizes,
-               f"at most one of {list(sizes)} may be -1 (it takes the remaining {what}).")
-    if model is None:
-        return
-    expert, tensor = _known_size(mesh, "expert"), _known_size(mesh, "tensor")
-    if expert > 1:
-        _check(model.moe.num_experts % expert == 0, "model.moe.num_experts",
-               model.moe.num_experts, f"must be divisible by the expert axis ({expert} = "
-               "mesh.expert x mesh.dcn_expert); change the expert count or the axis sizes.")
-    if tensor > 1 and getattr(model.moe, "expert_parallel", "gspmd") == "shard_map":
-        _check(model.moe.expert_hidden % tensor == 0, "model.moe.expert_hidden",
-               model.moe.expert_hidden, f"must be divisible by the tensor axis ({tensor} = "
-               "mesh.tensor x mesh.dcn_tensor) with model.moe.expert_parallel='shard_map' "
-               "(F is split over tensor).")
-    if tensor > 1:
-        heads, count = model.tensor_heads
-        _check(count % tensor == 0, f"model.{heads}", count,
-               f"must be divisible by the tensor axis ({tensor} = mesh.tensor x "
-               "mesh.dcn_tensor).")
-
-
-def _known_size(mesh: MeshConfig, axis: str) -> int:
-    """Devices along `axis` as far as the config alone says (-1 counts as 1)."""
-    return max(getattr(mesh, axis), 1) * max(getattr(mesh, f"dcn_{axis}"), 1)
-
-
 def model_config(section: Any) -> AnyModelConfig:
     """Builds and validates the model section: a ModelConfig, or a V4Config when
     `architecture == "deepseek_v4"`."""
@@ -336,13 +277,6 @@ def transformer_config(section: Any) -> ModelConfig:
 
 # model.architecture -> the builder of its model section (one entry per architecture).
 MODEL_SECTIONS = {"transformer": transformer_config, "deepseek_v4": v4_config}
-
-
-def mesh_config(section: Any, model: AnyModelConfig | None = None) -> MeshConfig:
-    """Builds and validates the mesh section (against the model when given)."""
-    mesh = dataclass_from_dict(MeshConfig, section, "mesh")
-    validate_mesh(mesh, model)
-    return mesh
 
 
 def validate_data(d: DataConfig) -> None:
@@ -416,7 +350,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     resolve(cfg)
 
 
-__all__ = ["AnyModelConfig", "Config", "DataConfig", "MLAConfig", "MTPConfig", "MeshConfig",
-           "MoEConfig", "ModelConfig", "OptimizerConfig", "RopeConfig", "TrainConfig",
-           "mesh_config", "model_config", "resolve", "validate"]
+__all__ = ["AnyModelConfig", "Config", "DataConfig", "MLAConfig", "MTPConfig", "MoEConfig",
+           "ModelConfig", "OptimizerConfig", "RopeConfig", "TrainConfig", "model_config",
+           "resolve", "validate"]
 

@@ -17,8 +17,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from moejax.config.choices import (DROPLESS_BACKENDS, DTYPES, EXPERT_PARALLEL,
-                                   EXPERT_TRANSPORTS, REMAT_POLICIES)
+from moejax.config.checks import check as _check
+from moejax.config.choices import (
+    DROPLESS_BACKENDS,
+    DTYPES,
+    EXPERT_PARALLEL,
+    EXPERT_TRANSPORTS,
+    REMAT_POLICIES,
+)
 from moejax.config.coerce import dataclass_from_dict
 
 LAYER_TYPES = ("sliding", "csa", "hca")
@@ -133,11 +139,6 @@ def layer_types_from_ratios(ratios: Sequence[int], num_layers: int) -> tuple[str
     if bad:
         raise ValueError(f"compress_ratios entries must be in {sorted(RATIO_TO_TYPE)}; got {bad}.")
     return tuple(RATIO_TO_TYPE[r] for r in ratios[:num_layers])
-
-
-def _check(ok: bool, field: str, value: Any, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"{field}={value!r} is invalid: {fix}")
 
 
 def _positive(obj: Any, prefix: str, names: Sequence[str]) -> None:
