@@ -104,14 +104,6 @@ def _ordered_devices(mesh_cfg: Any, devices: list[Any]) -> list[Any]:
                                               devices).flat)
 
 
-def _check_slices(cfg: Any, num_slices: int) -> None:
-    if num_slices > 1 and not hasattr(cfg.mesh, "dcn_data"):
-        raise ValueError(
-            f"--num-slices {num_slices}: this moejax's mesh config has no DCN (across-slice) "
-            "fields (mesh.dcn_*), so it cannot lay a mesh over several slices; compile one "
-            "slice (--num-slices 1) or use a moejax with multi-slice meshes.")
-
-
 def abstract_batch(cfg: Any, mesh: Any) -> dict[str, Any]:
     """The train step's batch as ShapeDtypeStructs with the batch sharding."""
     import jax  # noqa: PLC0415
@@ -161,7 +153,6 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str | Topolo
     from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
 
     cfg = resolve(config)
-    _check_slices(cfg, num_slices)
     topo = topology if isinstance(topology, Topology) else parse_topology(topology)
     devices = topology_devices(topo, num_slices)
     mesh = make_mesh(cfg.mesh, _ordered_devices(cfg.mesh, devices))

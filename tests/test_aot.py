@@ -1,12 +1,11 @@
 """moejax.aot: topology names, the HLO collective counter, and compiles for TPU topologies
 (libtpu; skipped where it is not installed) checked against the planner's memory."""
-import dataclasses
 
 import pytest
 from conftest import ROOT, SMALL_MODEL
 
 from moejax.aot import required_bytes
-from moejax.config import MeshConfig, load_config
+from moejax.config import load_config
 from moejax.hlo_stats import collective_stats, shape_bytes
 from moejax.topology import GIB, parse_topology
 
@@ -175,22 +174,9 @@ def test_a_two_layer_v4_model_compiles_for_v5p_8_and_its_state_matches_the_plann
     _check(result, planned, chips=4)
 
 
-MULTI_SLICE = hasattr(MeshConfig, "dcn_data") or any(
-    f.name.startswith("dcn_") for f in dataclasses.fields(MeshConfig))
-
-
-@pytest.mark.skipif(not MULTI_SLICE, reason="the mesh config has no DCN (mesh.dcn_*) fields")
 def test_tiny_compiles_for_two_slices_of_v5p_8():
     config = load_config(str(ROOT / "configs/tiny.py"), [*SMALL_MODEL, *SHORT,
                                                           "mesh.dcn_data=2"])
     result, planned = _compile_and_plan(config, num_slices=2)
     _check(result, planned, chips=8)
 
-
-@pytest.mark.skipif(MULTI_SLICE, reason="multi-slice meshes are supported")
-def test_two_slices_without_dcn_mesh_fields_is_a_clear_error():
-    pytest.importorskip("libtpu")
-    from moejax.aot import compile_train_step
-    config = load_config(str(ROOT / "configs/tiny.py"), [*SMALL_MODEL, *SHORT])
-    with pytest.raises(ValueError, match=r"mesh\.dcn_"):
-        compile_train_step(config, "v5p-8", num_slices=2)
