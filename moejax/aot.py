@@ -21,7 +21,8 @@ from `moejax.plan` (training FLOPs per token x tokens per step; XLA's `cost_anal
 counts a while loop's body once, so it is no step estimate for a scanned model and is not
 shown); the collectives of the optimized HLO by kind (moejax.hlo_stats: loop bodies times
 their trip counts) and the compile time. A program XLA refuses (RESOURCE_EXHAUSTED) is a
-result too: the bytes it asked for are reported and the exit status is 1.
+result too: the bytes it asked for are reported and the exit status is 1, as it is for a
+program that compiles but does not fit the chip's HBM (XLA:TPU compiles some of those).
 """
 from __future__ import annotations
 
@@ -258,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moejax.aot: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result.to_json()) if args.json else format_result(result))
-    return 0 if result.error is None else 1
+    return 0 if result.error is None and result.fits else 1
 
 
 if __name__ == "__main__":
