@@ -129,12 +129,12 @@ def batch_shards(cfg: Any, mesh: Any) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def _micro_loss(setup: Any, cfg: Any) -> Any:
+def one_micro_batch_loss(setup: Any, cfg: Any) -> Any:
     """(params, fixed, micro-batch, rng) -> the train step's loss of one micro-batch."""
 
     def loss(params: Any, fixed: Any, mb: dict[str, jax.Array], rng: jax.Array) -> jax.Array:
         denoms = target_counts(mb["segment_ids"], mtp_depth(cfg) > 0)
-        return step._micro_loss(setup, cfg, params, fixed, mb, rng, denoms, 1)[0]  # noqa: SLF001
+        return step.micro_loss(setup, cfg, params, fixed, mb, rng, denoms, 1)[0]
     return loss
 
 
@@ -167,7 +167,7 @@ def activation_bytes(cfg: Any, setup: Any, policy: str, rows: int) -> int:
              if k != "params"}
     mb = {k: jax.ShapeDtypeStruct((rows, cfg.train.seq_len), jnp.int32)
           for k in ("tokens", "segment_ids", "positions")}
-    return residual_bytes(_micro_loss(setup_p, cfg_p), params, fixed, mb, abstract_key())
+    return residual_bytes(one_micro_batch_loss(setup_p, cfg_p), params, fixed, mb, abstract_key())
 
 
 def activation_line(cfg: Any, setup: Any, policy: str, rows: int) -> tuple[float, int]:

@@ -59,9 +59,9 @@ def split_micro_batches(batch: Batch, num_micro: int) -> Batch:
     return jax.tree.map(one, batch)
 
 
-def _micro_loss(setup: TrainSetup, cfg: Config, p: Any, fixed: Any, mb: Batch,
-                rng: jax.Array, denoms: Denominators, num_micro: int
-                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def micro_loss(setup: TrainSetup, cfg: Config, p: Any, fixed: Any, mb: Batch,
+               rng: jax.Array, denoms: Denominators, num_micro: int
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One micro-batch's share of the batch loss, and its statistics (sums or means / M)."""
     kwargs = {"with_mtp": True} if mtp_depth(cfg) else {}
     chunk = cfg.train.loss_chunk
@@ -82,7 +82,7 @@ def _micro_grads(setup: TrainSetup, cfg: Config, params: Any, fixed: Any, mb: Ba
     """fp32 gradient and statistics of one micro-batch; `fixed` holds the variable
     collections that get no gradient (balance biases, frozen tables)."""
     grads, stats = jax.grad(
-        lambda p: _micro_loss(setup, cfg, p, fixed, mb, rng, denoms, num_micro),
+        lambda p: micro_loss(setup, cfg, p, fixed, mb, rng, denoms, num_micro),
         has_aux=True)(params)
     return jax.tree.map(lambda g: g.astype(jnp.float32), grads), stats
 

@@ -138,7 +138,7 @@ def combine_from_slots(y: jax.Array, slot: jax.Array, weights: jax.Array) -> jax
 
 def einsum_dispatch(x: jax.Array, indices: jax.Array, weights: jax.Array, mask: jax.Array,
                     expert_weights: ExpertWeights, capacity_factor: float,
-                   swiglu_limit: float = 0.0
+                    swiglu_limit: float = 0.0
                     ) -> tuple[jax.Array, jax.Array]:
     """GShard: one-hot dispatch [G,S,E,C] and combine [G,S,E,C] tensors, contracted."""
     g, s, _ = x.shape
