@@ -10,11 +10,15 @@ them), and `jax.distributed.initialize()` runs before anything touches a device
 
 Writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/ and DIR/checkpoints/. Bad input
 (config, data, an incompatible workdir) exits with status 1 and one line saying what to
-fix, before anything is written.
+fix, before anything is written. A step whose loss or gradient is NaN/inf stops the run
+with status 1 naming the step and the terms (`train.nonfinite`, moejax/train/guard.py).
+SIGTERM / SIGINT: the step in flight is finished and saved, then status 0 with a line
+naming the step (run the same command to resume); a second signal exits at once.
 """
 import dataclasses
 import json
 import re
+import signal
 import sys
 
 import jax
@@ -79,8 +83,14 @@ def main(argv: list[str]) -> None:
         final = moejax.train.train_and_evaluate(cfg, _WORKDIR.value)
     except (ValueError, FileNotFoundError) as e:  # bad input: nothing was written
         sys.exit(f"train.py: {e}")
+    except moejax.train.NonFiniteError as e:  # the guard: nothing non-finite was saved
+        sys.exit(f"train.py: {e}")
     if jax.process_index() == 0:
         print(json.dumps(final, indent=2), flush=True)
+        if "preempted" in final:
+            name = signal.Signals(int(final["preempted"])).name
+            print(f"train.py: stopped by {name} after step {final['step']}; its checkpoint "
+                  f"is saved in {_WORKDIR.value}; run the same command to resume.", flush=True)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.eval_every = 0  # steps between validation passes (0 = only at the end)
     train.eval_batches = 16  # validation batches per evaluation
     train.peak_flops_per_device = 0.0  # for MFU; 0 = device table (CPU: an estimate)
+    train.nonfinite = "stop"  # NaN/inf loss or gradient: "stop" the run, or "skip" the step
+    train.max_skipped_steps = 5  # "skip": more skipped steps in a row than this stop the run
+    train.spike_factor = 0.0  # > 1: skip steps whose loss > factor x running median (0 = off)
+    train.spike_window = 64  # losses in that running median
 
     cfg.optimizer = opt = ml_collections.ConfigDict()
     opt.name = "adamw"  # AdamW with decoupled weight decay

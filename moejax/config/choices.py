@@ -20,3 +20,4 @@ DTYPES = ("float32", "bfloat16", "float16")
 # model/attention/core.py; "splash": TPU Pallas flash attention (MLA), attention/splash.py
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "reference", "splash")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+NONFINITE_POLICIES = ("stop", "skip")  # train.nonfinite (moejax/train/guard.py)

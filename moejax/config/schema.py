@@ -23,6 +23,7 @@ from moejax.config.choices import (
     DTYPES,
     EXPERT_PARALLEL,
     EXPERT_TRANSPORTS,
+    NONFINITE_POLICIES,
     REMAT_POLICIES,
     ROPE_STYLES,
     SCORE_FUNCTIONS,
@@ -165,6 +166,13 @@ class TrainConfig:
     eval_every: int = 0  # steps between validation passes during training (0 = only at end)
     eval_batches: int = 8  # validation batches per evaluation
     peak_flops_per_device: float = 0.0  # for MFU; 0 = look the device up in a table
+    # Non-finite guard (moejax/train/guard.py): "stop" ends the run at the first step whose
+    # loss terms or gradient norm are NaN/inf, saving nothing after it; "skip" leaves the
+    # state unchanged for such a step and goes on
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 5  # more skipped steps than this in a row stop the run
+    spike_factor: float = 0.0  # > 1: skip a step whose loss > factor x running median; 0 = off
+    spike_window: int = 64  # accepted losses the running median is taken over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +308,12 @@ def validate_train(t: TrainConfig, model: AnyModelConfig) -> None:
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0.")
     _check(t.loss_chunk >= 0, "train.loss_chunk", t.loss_chunk,
            "must be >= 0 (0 = whole logits, N = tiles of N positions).")
+    _choice("train.nonfinite", t.nonfinite, NONFINITE_POLICIES)
+    _check(t.max_skipped_steps >= 0, "train.max_skipped_steps", t.max_skipped_steps,
+           "must be >= 0 (skipped steps tolerated in a row).")
+    _check(t.spike_factor == 0 or t.spike_factor > 1, "train.spike_factor", t.spike_factor,
+           "must be 0 (off) or > 1 (skip a step whose loss exceeds factor x the median).")
+    _check(t.spike_window > 0, "train.spike_window", t.spike_window, "must be > 0.")
 
 
 def validate_optimizer(o: OptimizerConfig) -> None:

@@ -64,7 +64,7 @@ def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | os.PathL
     mesh = make_mesh(cfg.mesh)
     with use_mesh(mesh):
         setup = make_setup(cfg, mesh)
-        state = checkpoint.load_state(workdir, setup.abstract, step)
+        state, step = checkpoint.load_newest_state(workdir, setup.abstract, cfg)
         metrics = HeldOut(setup, cfg, tokenizer, batches)(state, with_details=True)
         samples = _samples(cfg, _on_host(state.variables()), tokenizer, prompt,
                            max_new_tokens, seed)

@@ -9,6 +9,7 @@ Pieces for notebooks and tests::
     train_step = make_train_step(setup, cfg)   # jitted once, state donated
     state, metrics = train_step(state, batch, seed_key)
 """
+from moejax.train.guard import NonFiniteError, make_guarded_step
 from moejax.train.loop import check_inputs, train_and_evaluate
 from moejax.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from moejax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
@@ -17,8 +18,9 @@ from moejax.train.loss import batch_loss, loss_metrics, target_mask, token_nll
 from moejax.train.step import batch_sharding, global_batch, make_train_step, train_step_fn
 
 __all__ = [
-    "MetricsWriter", "TrainSetup", "TrainState", "batch_loss", "batch_sharding", "check_inputs",
-    "decay_mask", "flops_per_token", "global_batch", "init_state", "learning_rate_schedule",
-    "loss_metrics", "make_optimizer", "make_setup", "make_train_step", "param_count",
-    "peak_flops_per_device", "target_mask", "token_nll", "train_and_evaluate", "train_step_fn",
+    "MetricsWriter", "NonFiniteError", "TrainSetup", "TrainState", "batch_loss",
+    "batch_sharding", "check_inputs", "decay_mask", "flops_per_token", "global_batch",
+    "init_state", "learning_rate_schedule", "loss_metrics", "make_guarded_step",
+    "make_optimizer", "make_setup", "make_train_step", "param_count", "peak_flops_per_device",
+    "target_mask", "token_nll", "train_and_evaluate", "train_step_fn",
 ]

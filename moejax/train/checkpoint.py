@@ -16,23 +16,35 @@ newest one's config (through a read-only manager) and compares its model section
 current one; any difference outside `RUNTIME_MODEL_FIELDS` (fields that change how the
 model computes, not which parameters it has or what they mean) raises a ValueError listing
 the fields, before anything is written.
+
+A damaged checkpoint (a truncated or deleted file in any item, unreadable metadata) is
+not the end of a run: `restore_newest` (train.py) and `load_newest_state` (eval.py) try
+the steps newest first; when an older one restores, every newer one that failed is
+reported with its step, path and error and renamed to `<step>.corrupt-<n>` (never
+deleted; Orbax ignores such names). When none restores, nothing is moved and the error
+names each step: the cause is then more likely the config (e.g. another optimizer) than
+the files. All processes agree on each step's outcome before one of them renames.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Mapping
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from moejax import distributed
 from moejax.config import Config
 from moejax.data import iterator_checkpoint_args
 from moejax.storage import as_path, is_url
 from moejax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT = "corrupt"  # a set-aside checkpoint is renamed <step>.corrupt-<n>
 READ_ONLY = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
 # Model fields that may change between a checkpoint and the run that resumes it.
 RUNTIME_MODEL_FIELDS = frozenset({
@@ -107,19 +119,36 @@ def saved_config(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
     return restored["config"]
 
 
-def check_compatible(workdir: str | os.PathLike, cfg: Config) -> int | None:
-    """Raises ValueError if the newest checkpoint's model differs; returns its step."""
-    step = latest_step(workdir)
-    if step is None:
-        return None
-    saved = saved_config(workdir, step)
+class IncompatibleCheckpoint(ValueError):
+    """A readable checkpoint that this run must not resume (another model, an old layout)."""
+
+
+def _refuse_other_model(workdir: str | os.PathLike, step: int, saved: Mapping[str, Any],
+                        cfg: Config) -> None:
     diffs = model_differences(saved.get("model", {}), config_dict(cfg)["model"])
     if diffs:
-        raise ValueError(
+        raise IncompatibleCheckpoint(
             f"workdir {str(workdir)!r} holds a checkpoint (step {step}) of a different model:"
             f" {'; '.join(diffs)}. Use a new --workdir, or restore the saved model config "
             f"(see {checkpoint_dir(workdir)}/{step}/config). Nothing was changed.")
-    return step
+
+
+def check_compatible(workdir: str | os.PathLike, cfg: Config) -> int | None:
+    """Raises ValueError if the newest checkpoint with a readable config holds another
+    model; returns its step (read-only: damaged newer ones are left to `restore_newest`)."""
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        return None
+    with ocp.CheckpointManager(directory, options=READ_ONLY) as manager:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                saved = manager.restore(step, args=ocp.args.Composite(
+                    config=ocp.args.JsonRestore()))["config"]
+            except Exception:  # noqa: BLE001 - damaged: restore_newest reports it
+                continue
+            _refuse_other_model(workdir, step, saved, cfg)
+            return step
+    return None
 
 
 def make_manager(workdir: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
@@ -145,8 +174,15 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator:
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState,
-            iterator: Any) -> TrainState:
-    """Restores checkpoint `step` onto `abstract_state`'s shardings; the iterator in place."""
+            iterator: Any, cfg: Config | None = None) -> TrainState:
+    """Restores checkpoint `step` onto `abstract_state`'s shardings; the iterator in place.
+
+    With `cfg`, the saved config is read first and another model is refused
+    (`IncompatibleCheckpoint`), so every item of the checkpoint is read.
+    """
+    if cfg is not None:
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        _refuse_other_model(os.fspath(manager.directory.parent), step, saved["config"], cfg)
     legacy = _grain_data_state(manager, step, iterator)
     if legacy is not None:
         restored = manager.restore(step, args=ocp.args.Composite(
@@ -158,6 +194,73 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainStat
         data=iterator_checkpoint_args(iterator, restore=True)))
     iterator.set_state(restored["data"])
     return restored["state"]
+
+
+def _newest_that_restores(manager: ocp.CheckpointManager, attempt: Any,
+                          required: bool = True) -> tuple[Any, int | None]:
+    """`attempt(step)` on the steps newest first until one works on every process; sets
+    the newer failures aside (see the module docstring). (None, None) without steps."""
+    failures: list[tuple[int, str]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            result, error = attempt(step), ""
+        except IncompatibleCheckpoint:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read is a damaged step
+            result, error = None, f"{type(e).__name__}: {e}"
+        errors = [x for x in distributed.allgather_json(error) if x]
+        if not errors:
+            for bad, why in failures:
+                set_aside(epath.Path(manager.directory), bad, why, required)
+            distributed.sync("moejax: damaged checkpoints set aside")
+            if failures:
+                manager.reload()
+            return result, step
+        failures.append((step, errors[0]))
+    if failures:
+        listing = "; ".join(f"step {s} ({epath.Path(manager.directory) / str(s)}): {e}"
+                            for s, e in failures)
+        raise ValueError(
+            f"no checkpoint in {manager.directory} restores: {listing}. If the config "
+            "changed (e.g. optimizer.name), restore it; if the files are damaged, move "
+            "them aside to start afresh. Nothing was changed.")
+    return None, None
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state: TrainState, iterator: Any,
+                   cfg: Config) -> tuple[TrainState | None, int | None]:
+    """(state, step) of the newest checkpoint whose every item restores, the iterator set
+    to its position; damaged newer ones are set aside. (None, None) without checkpoints."""
+    return _newest_that_restores(
+        manager, lambda step: restore(manager, step, abstract_state, iterator, cfg))
+
+
+def set_aside(directory: epath.Path, step: int, why: str, required: bool = True
+              ) -> epath.Path | None:
+    """Renames `directory/step` to `directory/<step>.corrupt-<n>` (process 0; never deletes).
+
+    Returns the new path, or None where the rename failed and is not `required` (a
+    read-only workdir seen by eval.py: the step is then only reported).
+    """
+    source = directory / str(step)
+    n = 0
+    while (directory / f"{step}.{CORRUPT}-{n}").exists():
+        n += 1
+    target = directory / f"{step}.{CORRUPT}-{n}"
+    if jax.process_index() != 0:
+        return target
+    try:
+        source.rename(target)
+    except OSError as e:
+        if required:
+            raise OSError(f"checkpoint step {step} at {source} does not restore ({why}) "
+                          f"and cannot be set aside as {target}: {e}") from e
+        print(f"checkpoint step {step} at {source} does not restore ({why}); left in "
+              f"place ({e}), using an older one.", file=sys.stderr, flush=True)
+        return None
+    print(f"checkpoint step {step} at {source} does not restore ({why}); set aside as "
+          f"{target}, using an older one.", file=sys.stderr, flush=True)
+    return target
 
 
 def _grain_data_state(manager: ocp.CheckpointManager, step: int, iterator: Any
@@ -174,7 +277,7 @@ def _grain_data_state(manager: ocp.CheckpointManager, step: int, iterator: Any
         return None
     if len(files) > 1 or files[0].name != "process_0-of-1.json" or \
             list(iterator.streams) != [0] or len(iterator.rows) != iterator.rows_per_stream:
-        raise ValueError(
+        raise IncompatibleCheckpoint(
             f"checkpoint {folder.parent} was written by {len(files)} process(es) before "
             "moejax read one global batch for all processes (data.streams); its data "
             "position can only be resumed by one process with data.streams=1. Resume it "
@@ -199,6 +302,27 @@ def load_state(workdir: str | os.PathLike, abstract_state: TrainState,
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
+
+
+def load_newest_state(workdir: str | os.PathLike, abstract_state: TrainState, cfg: Config
+                      ) -> tuple[TrainState, int]:
+    """(state, step) of the newest checkpoint of `workdir` whose config and state restore
+    (another model is refused); damaged newer ones are set aside as in `restore_newest`."""
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no complete checkpoint in {directory}.")
+
+    def attempt(step: int) -> TrainState:
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        _refuse_other_model(workdir, step, saved["config"], cfg)
+        return manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+    with ocp.CheckpointManager(directory, options=READ_ONLY) as manager:
+        state, step = _newest_that_restores(manager, attempt, required=False)
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}.")
+    return state, step
 
 
 def close(manager: ocp.CheckpointManager) -> None:

@@ -9,12 +9,15 @@ Order of work, so that a bad input fails before anything is written:
      error (read-only look);
   4. only now: create the workdir, write `config.json`, open the metrics writers and the
      checkpoint manager; resume from the newest complete checkpoint or initialise;
-  5. the step loop: host batch -> global jax.Array -> `train_step` (jitted once, state
-     donated); metrics of a logged step are fetched after the *next* step is dispatched,
-     so the host never waits for the device just to log; checkpoints every
-     `train.save_every` steps and at the end; validation every `train.eval_every` steps;
-  6. a final validation pass (and `eval_hook` if given); the manager is always waited on
-     and closed, the writers closed, whatever happens (try/finally).
+  5. the step loop: host batch -> global jax.Array -> the guarded step (`guard.py`,
+     jitted once, state donated); metrics of a logged step are fetched after the *next*
+     step is dispatched, so the host never waits for the device just to log; a tripped
+     non-finite guard seen there (or before a save) raises `NonFiniteError`; checkpoints
+     every `train.save_every` steps and at the end, each only after the guard and
+     `finite_check` passed; validation every `train.eval_every` steps; a SIGTERM /
+     SIGINT (`preemption.py`) saves after the step in flight and returns early;
+  6. a final validation pass (and `eval_hook` if given), skipped after a preemption; the
+     manager is always waited on and closed, the writers closed, whatever happens.
 """
 from __future__ import annotations
 
@@ -38,8 +41,11 @@ from moejax.train import checkpoint
 from moejax.train.metrics import (MetricsWriter, flops_per_token, host_metrics,
                                   peak_flops_per_device, throughput)
 from moejax.train.state import TrainSetup, TrainState, init_state, make_setup, param_count
+from moejax.train.guard import (Guard, NonFiniteError, check_guard, finite_check, init_guard,
+                                make_guarded_step)
 from moejax.train.heldout import HeldOut
-from moejax.train.step import batch_sharding, make_train_step
+from moejax.train.preemption import Preemption
+from moejax.train.step import batch_sharding
 
 EvalHook = Callable[[TrainState, Config], Mapping[str, float]]
 
@@ -60,28 +66,30 @@ def check_inputs(cfg: Config) -> tuple[moedata.Tokenizer, moedata.DataSummary]:
 class Logger:
     """Fetches logged steps' metrics one step late, adds throughput/MFU, writes them."""
 
-    def __init__(self, cfg: Config, writer: MetricsWriter, start_step: int, bar: tqdm):
-        self.writer, self.bar = writer, bar
+    def __init__(self, cfg: Config, writer: MetricsWriter, start_step: int, bar: tqdm,
+                 check: Callable[[Guard], None]):
+        self.writer, self.bar, self.check = writer, bar, check
         self.num_dense = cfg.model.num_dense_layers
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         self.flops = flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak = peak_flops_per_device(override=cfg.train.peak_flops_per_device)
-        self.pending: tuple[int, Any] | None = None
+        self.pending: tuple[int, Any, Guard] | None = None
         self.last_step, self.last_time = start_step, time.perf_counter()
         self.latest: dict[str, float] = {}
 
-    def queue(self, step: int, device_metrics: Any) -> None:
-        """Remembers a dispatched step's metrics; they are fetched by the next `flush`."""
+    def queue(self, step: int, device_metrics: Any, guard: Guard) -> None:
+        """Remembers a dispatched step's metrics and guard; the next `flush` fetches them."""
         self.flush()
-        self.pending = (step, device_metrics)
+        self.pending = (step, device_metrics, guard)
 
     def flush(self) -> None:
-        """Fetches (waits for) the pending step, writes its record."""
+        """Fetches (waits for) the pending step, writes its record, then checks its guard."""
         if self.pending is None:
             return
-        step, device_metrics = self.pending
+        step, device_metrics, guard = self.pending
         self.pending = None
-        values = host_metrics(jax.device_get(device_metrics), self.num_dense)
+        raw, guard = jax.device_get((device_metrics, guard))
+        values = host_metrics(raw, self.num_dense)
         now = time.perf_counter()
         step_time = (now - self.last_time) / max(step - self.last_step, 1)
         values.update(throughput(step_time, self.tokens_per_step, self.flops, self.peak,
@@ -89,6 +97,7 @@ class Logger:
         self.last_step, self.last_time = step, now
         self.write(step, values)
         self.bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+        self.check(guard)
 
     def restart_clock(self, step: int) -> None:
         """Starts the next step_time interval now, at `step` (after non-training work)."""
@@ -106,13 +115,13 @@ def _say(message: str) -> None:
 
 def _start(setup: TrainSetup, cfg: Config, workdir: epath.Path, manager: Any,
            train_it: Any) -> TrainState:
-    """Resumes from the newest complete checkpoint, or initialises a fresh state."""
-    step = manager.latest_step()
+    """Resumes from the newest checkpoint that restores (damaged newer ones are set aside,
+    see checkpoint.py), or initialises a fresh state."""
+    state, step = checkpoint.restore_newest(manager, setup.abstract, train_it, cfg)
     if step is None:
         state = init_state(setup, rng_keys(cfg)[0])
         _say(f"initialised {param_count(state):,} parameters in {workdir}")
         return state
-    state = checkpoint.restore(manager, step, setup.abstract, train_it)
     _say(f"resumed from the checkpoint at step {step} in {workdir}")
     return state
 
@@ -127,31 +136,61 @@ def _should_log(done: int, start: int, cfg: Config) -> bool:
     return done % cfg.train.log_every == 0 or done == start + 1 or done == cfg.train.steps
 
 
-def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any, manager: Any,
-           logger: Logger, validation: Any) -> TrainState:
-    """The step loop from `state.step` to `train.steps` (see the module docstring)."""
+class CheckedSaver:
+    """Saves a checkpoint only after the guard and a finiteness check of the state passed."""
+
+    def __init__(self, setup: TrainSetup, cfg: Config, manager: Any, train_it: Any):
+        self.cfg, self.manager, self.train_it = cfg, manager, train_it
+        self.finite = finite_check(setup)
+
+    def check(self, guard: Guard) -> None:
+        """Raises NonFiniteError if `guard` (fetched) tripped."""
+        check_guard(self.cfg, guard, self.manager.latest_step())
+
+    def save(self, step: int, state: TrainState, guard: Guard) -> None:
+        self.check(jax.device_get(guard))  # the save waits for this step anyway
+        if not bool(self.finite(state)):
+            raise NonFiniteError(
+                f"the state after step {step} holds NaN or inf although its loss and "
+                f"gradient were finite; not saved (the newest checkpoint is step "
+                f"{self.manager.latest_step()}).")
+        checkpoint.save(self.manager, step, state, self.train_it, self.cfg)
+
+
+def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any,
+           saver: CheckedSaver, logger: Logger, validation: Any, preemption: Preemption
+           ) -> tuple[TrainState, bool]:
+    """The step loop from `state.step` to `train.steps` (see the module docstring);
+    returns the state and whether a signal stopped it early (after saving)."""
     t = cfg.train
     start = int(state.step)
-    train_step = make_train_step(setup, cfg)
+    train_step = make_guarded_step(setup, cfg)
     layout = BatchLayout(batch_sharding(setup.mesh, t.batch_size, t.seq_len),
                          t.batch_size, t.seq_len)
     seed_key = rng_keys(cfg)[1]
+    guard = init_guard(cfg)
     for step in range(start, t.steps):
-        state, metrics = train_step(state, layout.to_global(next(train_it)), seed_key)
+        state, guard, metrics = train_step(state, guard, layout.to_global(next(train_it)),
+                                           seed_key)
         done = step + 1
-        if _should_log(done, start, cfg):
-            logger.queue(done, metrics)
+        stop = preemption.stop_after_this_step()
+        if _should_log(done, start, cfg) or stop:
+            logger.queue(done, metrics, guard)
         else:
             logger.flush()
-        if done % t.save_every == 0 or done == t.steps:
-            checkpoint.save(manager, done, state, train_it, cfg)
+        if done % t.save_every == 0 or done == t.steps or stop:
+            saver.save(done, state, guard)
+        if stop:
+            _say(f"{preemption.name}: saving the checkpoint of step {done} and stopping.")
+            logger.flush()
+            return state, True
         if t.eval_every and done % t.eval_every == 0 and done < t.steps:
             logger.flush()
             logger.write(done, validation(state))
             logger.restart_clock(done)  # keep validation time out of step_time
         logger.bar.update(1)
     logger.flush()
-    return state
+    return state, False
 
 
 def _write_config(workdir: epath.Path, cfg: Config) -> None:
@@ -169,7 +208,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
     (`validation/cross_entropy`, `validation/perplexity`, `validation/bits_per_byte`, when
     data.validation_fraction > 0), whatever `eval_hook(state, cfg)` returns, and `step`,
     the final state's step. Raises ValueError (before writing anything) for a bad config,
-    missing or too little data, or a workdir holding another model's checkpoint.
+    missing or too little data, or a workdir holding another model's checkpoint;
+    `NonFiniteError` when the non-finite guard stops the run (nothing non-finite saved).
+    A SIGTERM / SIGINT (first one; a second exits at once) saves the step in flight and
+    returns early, without final validation, with `preempted` set to the signal number.
     """
     cfg = config if isinstance(config, Config) else resolve(config)
     workdir = as_path(workdir)  # a local folder or a URL (moejax.storage)
@@ -189,13 +231,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
                                                rows=rows)
         bar = None
         try:
-            state = _start(setup, cfg, workdir, manager, train_it)
-            bar = tqdm(total=cfg.train.steps, initial=int(state.step), desc="train",
-                       disable=jax.process_index() != 0, dynamic_ncols=True)
-            logger = Logger(cfg, writer, int(state.step), bar)
-            validation = HeldOut(setup, cfg, tokenizer, min(cfg.train.eval_batches,
-                                                            summary.validation_batches))
-            state = _train(setup, cfg, state, train_it, manager, logger, validation)
+            with Preemption() as preemption:
+                state = _start(setup, cfg, workdir, manager, train_it)
+                bar = tqdm(total=cfg.train.steps, initial=int(state.step), desc="train",
+                           disable=jax.process_index() != 0, dynamic_ncols=True)
+                saver = CheckedSaver(setup, cfg, manager, train_it)
+                logger = Logger(cfg, writer, int(state.step), bar, saver.check)
+                validation = HeldOut(setup, cfg, tokenizer, min(cfg.train.eval_batches,
+                                                                summary.validation_batches))
+                state, stopped = _train(setup, cfg, state, train_it, saver, logger,
+                                        validation, preemption)
+                if stopped:
+                    return {**logger.latest, "step": int(state.step),
+                            "preempted": float(preemption.signal)}
             final = validation(state)
             if eval_hook is not None:
                 final.update(eval_hook(state, cfg))

@@ -121,15 +121,21 @@ def _row_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
                                                mesh=mesh))
 
 
-def train_step_fn(setup: TrainSetup, cfg: Config
-                  ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
-    """The pure step: (state, batch, seed_key) -> (next state, metrics of this step)."""
+def update_fn(setup: TrainSetup, cfg: Config
+              ) -> Callable[[TrainState, Batch, jax.Array],
+                            tuple[TrainState, dict, dict[str, jax.Array]]]:
+    """One optimizer step: (state, batch, seed_key) -> (next state, metrics, terms).
+
+    `terms` are the scalars whose finiteness `moejax.train.guard` checks: `loss`,
+    `cross_entropy`, `moe_loss`, `mtp_cross_entropy` (with MTP), the architecture's extra
+    losses and `grad_norm` (names: `guard.guard_terms`).
+    """
     arch = architecture_of(cfg.model)
     rates = arch.bias_update_rates(cfg.model)
     weight_mtp = mtp_weight(cfg)
 
-    def step(state: TrainState, batch: Batch, seed_key: jax.Array
-             ) -> tuple[TrainState, dict[str, jax.Array]]:
+    def update(state: TrainState, batch: Batch, seed_key: jax.Array
+               ) -> tuple[TrainState, dict[str, jax.Array], dict[str, jax.Array]]:
         rng = jax.random.fold_in(seed_key, state.step)
         grads, stats = gradients(setup, cfg, state, batch, rng)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
@@ -142,7 +148,27 @@ def train_step_fn(setup: TrainSetup, cfg: Config
                    "grad_norm": optax.tree.norm(grads), "learning_rate": lr}
         if "expert_load" in stats:
             metrics["moe/bias_norm"] = optax.tree.norm(moe_bias)
-        return TrainState(state.step + 1, params, opt_state, moe_bias, state.frozen), metrics
+        terms = {name: metrics[name] for name in
+                 ("loss", "cross_entropy", "mtp_cross_entropy", *arch.extra_losses)
+                 if name in metrics}
+        terms.update(moe_loss=stats["moe_loss"], grad_norm=metrics["grad_norm"])
+        next_state = TrainState(state.step + 1, params, opt_state, moe_bias, state.frozen)
+        return next_state, metrics, terms
+    return update
+
+
+def train_step_fn(setup: TrainSetup, cfg: Config
+                  ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict]]:
+    """The pure step: (state, batch, seed_key) -> (next state, metrics of this step).
+
+    No non-finite guard: the host loop runs `guard.guarded_step_fn` around `update_fn`.
+    """
+    update = update_fn(setup, cfg)
+
+    def step(state: TrainState, batch: Batch, seed_key: jax.Array
+             ) -> tuple[TrainState, dict[str, jax.Array]]:
+        next_state, metrics, _ = update(state, batch, seed_key)
+        return next_state, metrics
     return step
 
 

@@ -1,0 +1,84 @@
+"""Preemption: SIGTERM / SIGINT end a run cleanly at a step every process agrees on.
+
+TPU maintenance events, Kubernetes and SLURM send SIGTERM and wait (typically 30 s or
+more) before killing. While `Preemption` is entered (main thread only; elsewhere signals
+keep their handlers), the first SIGTERM or SIGINT only sets a flag: the loop finishes the
+step in flight, saves a checkpoint, waits for it, closes its writers and returns. A second
+signal exits at once (status 128 + signal number), leaving the previous checkpoints as
+they are (a save cut short is never finalised, see checkpoint.py).
+
+Multi-process: one host may get the signal before the others, so the loop asks
+`stop_after_this_step()` once per step, and every process must answer the same at the
+same step. Each process contributes its flag to a tiny max-reduction over all devices,
+dispatched after the step; the answer read at step n is the reduction dispatched at step
+n - 1, so reading it waits only for the previous step (the device keeps one step queued)
+and every process stops after the same step. One process answers from its flag directly.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Preemption:
+    """Context manager turning SIGTERM / SIGINT into an agreed stop (see the module doc)."""
+
+    def __init__(self, synchronise: bool | None = None):
+        self.signal: int | None = None  # the first signal received
+        self.synchronise = jax.process_count() > 1 if synchronise is None else synchronise
+        self._previous: dict[int, Any] = {}
+        self._pending: jax.Array | None = None
+        self._reduce = None
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            os.write(2, f"\n{name} again: exiting now, without saving.\n".encode())
+            os._exit(128 + signum)
+        self.signal = signum
+        os.write(2, f"\n{name}: finishing the step in flight and saving a checkpoint "
+                    "(send it again to exit at once).\n".encode())
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else "signal"
+
+    def stop_after_this_step(self) -> bool:
+        """Whether to save and stop after the step just dispatched (call once per step)."""
+        if not self.synchronise:
+            return self.signal is not None
+        previous, self._pending = self._pending, self._any_process(self.signal is not None)
+        return previous is not None and bool(jax.device_get(previous))
+
+    def _any_process(self, flag: bool) -> jax.Array:
+        """Dispatches max(flag over processes) (asynchronous; a replicated bool)."""
+        devices = jax.devices()
+        mesh = Mesh(np.asarray(devices), ("processes",))
+        sharding = NamedSharding(mesh, PartitionSpec("processes"))
+        if self._reduce is None:
+            self._reduce = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        flags = jax.make_array_from_callback(
+            (len(devices),), sharding, lambda index: np.full(
+                len(range(*index[0].indices(len(devices)))), flag))
+        return self._reduce(flags)
