@@ -17,10 +17,12 @@ from conftest import small_config, subprocess_env
 from test_train import TRAIN, train_py_args
 
 import moejax
+from moejax import data as moedata
 from moejax.config import resolve
 from moejax.train import checkpoint, init_state, make_setup, train_and_evaluate
 from moejax.train.guard import (Guard, NonFiniteError, _is_spike, check_guard, init_guard,
                                 make_guarded_step)
+from moejax.train.preemption import Preemption
 
 # Same schedule whatever train.steps is, so "N steps, then more" is the same run.
 CONSTANT = [*TRAIN, "optimizer.decay='constant'"]
@@ -49,25 +51,43 @@ def _all_finite(tree):
 
 # ------------------------------------------------------------------------ non-finite guard
 
-def test_divergence_stops_nonzero_naming_the_step_and_saves_nothing_non_finite(tmp_path):
-    """The issue's reproduction (lr 1e9, no clipping): exit 1 naming the step and the
-    terms; every checkpoint left holds finite values only."""
+def _checkpoint_steps(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                  if p.name.isdigit())
+
+
+def _assert_stopped_before_saving_non_finite(message, workdir, cfg):
+    found = re.search(r"step (\d+) is not finite \(([^)]*)\)", message)
+    assert found, message
+    bad, terms = int(found.group(1)), found.group(2).split(", ")
+    assert "loss" in terms and "grad_norm" in terms and "train.nonfinite='stop'" in message
+    steps = _checkpoint_steps(workdir)
+    assert steps and max(steps) < bad, (steps, bad)
+    for step in steps:
+        assert _all_finite(_load(cfg, workdir, step)), step
+
+
+def test_divergence_stops_naming_the_step_and_terms_and_saves_nothing_non_finite(tmp_path):
+    """The issue's reproduction (lr 1e9, no clipping; NaN from step 2), a save every step:
+    NonFiniteError naming the step and the terms; every checkpoint holds finite values."""
+    cfg = small_config(*TRAIN, *DIVERGE, "train.steps=8", "train.save_every=1",
+                       "train.log_every=4")
+    with pytest.raises(NonFiniteError) as error:
+        train_and_evaluate(cfg, tmp_path)
+    _assert_stopped_before_saving_non_finite(str(error.value), tmp_path, cfg)
+
+
+@pytest.mark.slow  # ~25 s: train.py in a subprocess
+def test_train_py_exits_1_on_divergence(tmp_path):
     workdir = tmp_path / "run"
     done = subprocess.run(train_py_args(workdir, *DIVERGE, "train.steps=8",
                                         "train.save_every=1", "train.log_every=4"),
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
     message = done.stderr.strip().splitlines()[-1]
-    found = re.search(r"step (\d+) is not finite \(([^)]*)\)", message)
-    assert found, message
-    bad, terms = int(found.group(1)), found.group(2).split(", ")
-    assert "loss" in terms and "grad_norm" in terms and "train.nonfinite='stop'" in message
-    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
-                   if p.name.isdigit())
-    assert steps and max(steps) < bad, (steps, bad)
-    cfg = small_config(*TRAIN, *DIVERGE, "train.steps=8")
-    for step in steps:
-        assert _all_finite(_load(cfg, workdir, step)), step
+    assert message.startswith("train.py: step "), message
+    _assert_stopped_before_saving_non_finite(
+        message, workdir, small_config(*TRAIN, *DIVERGE, "train.steps=8"))
 
 
 def _batches(cfg, count):
@@ -127,22 +147,101 @@ def test_guard_fields_are_validated_up_front(override, field):
         resolve(small_config(override))
 
 
+# ---------------------------------------------------------------------- shared straight run
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A 6-step run saved at steps 4 and 6 (keep_checkpoints=2): config, workdir, records,
+    the state of step 4 and the final state."""
+    workdir = tmp_path_factory.mktemp("straight")
+    cfg = small_config(*CONSTANT, "train.steps=6")
+    train_and_evaluate(cfg, workdir)
+    assert _checkpoint_steps(workdir) == [4, 6]
+    return cfg, workdir, _records(workdir), _load(cfg, workdir, 4), _load(cfg, workdir, 6)
+
+
+def _assert_same_run(workdir, straight):
+    cfg, _, records, _, final = straight
+    got = _records(workdir)
+    assert sorted(got) == sorted(records) == [1, 2, 3, 4, 5, 6]
+    for step in got:
+        for name in ("loss", "grad_norm", "moe/bias_norm"):
+            assert got[step][name] == records[step][name], (step, name)
+    jax.tree.map(np.testing.assert_array_equal, _load(cfg, workdir, 6), final)
+
+
 # ----------------------------------------------------------------------------- preemption
 
-def test_sigterm_saves_the_step_in_flight_and_the_resumed_run_is_bitwise_the_same(tmp_path):
-    workdir, straight = tmp_path / "run", tmp_path / "straight"
+def _signal_on_batch(monkeypatch, number):
+    """The train iterator sends this process SIGTERM while producing batch `number`."""
+    make = moedata.make_train_iterator
+
+    def make_signalling(*args, **kwargs):
+        iterator = make(*args, **kwargs)
+        real_next, count = type(iterator).__next__, [0]
+
+        def signalling_next(self):
+            count[0] += 1
+            if count[0] == number:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_next(self)
+        iterator.__class__ = type("Signalling", (type(iterator),),
+                                  {"__next__": signalling_next})
+        return iterator
+    monkeypatch.setattr(moedata, "make_train_iterator", make_signalling)
+
+
+def test_sigterm_saves_the_step_in_flight_and_the_resumed_run_is_bitwise_the_same(
+        straight, tmp_path, monkeypatch, capfd):
+    cfg, handler = straight[0], signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        _signal_on_batch(patch, 3)
+        out = train_and_evaluate(cfg, tmp_path)
+    assert out["step"] == 3 and out["preempted"] == signal.SIGTERM
+    assert "SIGTERM: saving the checkpoint of step 3 and stopping" in capfd.readouterr().out
+    assert checkpoint.latest_step(tmp_path) == 3
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back
+    assert train_and_evaluate(cfg, tmp_path)["step"] == 6
+    _assert_same_run(tmp_path, straight)
+
+
+def test_a_second_signal_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    with Preemption() as preemption:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.stop_after_this_step() and exits == []
+        os.kill(os.getpid(), signal.SIGINT)
+    assert exits == [128 + signal.SIGINT]
+
+
+def test_every_process_stops_after_the_same_step():
+    """The synchronised answer (an all-reduce, read one step late) on one process."""
+    preemption = Preemption(synchronise=True)
+    answers = []
+    for step in range(5):
+        if step == 2:
+            preemption.signal = signal.SIGTERM
+        answers.append(preemption.stop_after_this_step())
+    assert answers == [False, False, False, True, True]
+
+
+@pytest.mark.slow  # ~40 s: train.py in a subprocess, then two runs in this process
+def test_sigterm_to_train_py_saves_and_the_resumed_run_is_bitwise_the_same(straight,
+                                                                           tmp_path):
+    workdir = tmp_path / "run"
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
-            train_py_args(workdir, *CONSTANT[len(TRAIN):], "train.steps=100000",
+            train_py_args(workdir, "optimizer.decay=constant", "train.steps=100000",
                           "train.save_every=100000"),
             env=subprocess_env(), stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not (workdir / "metrics.jsonl").exists() or len(_records(workdir)) < 3:
+        while not (workdir / "metrics.jsonl").exists() or len(_records(workdir)) < 1:
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no steps were logged in time"
-            time.sleep(0.1)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -150,28 +249,13 @@ def test_sigterm_saves_the_step_in_flight_and_the_resumed_run_is_bitwise_the_sam
             proc.kill()
     assert proc.returncode == 0, log.read_text()[-3000:]
     stopped = int(re.search(r"stopped by SIGTERM after step (\d+)", out).group(1))
-    assert checkpoint.latest_step(workdir) == stopped >= 3
-    resumed = train_and_evaluate(small_config(*CONSTANT, f"train.steps={stopped + 2}"),
-                                 workdir)
-    train_and_evaluate(small_config(*CONSTANT, f"train.steps={stopped + 2}"), straight)
-    assert resumed["step"] == stopped + 2
-    a, b = _records(workdir), _records(straight)
-    assert sorted(a) == sorted(b) == list(range(1, stopped + 3))
-    for step in a:
-        for name in ("loss", "grad_norm", "moe/bias_norm"):
-            assert a[step][name] == b[step][name], (step, name)
+    assert checkpoint.latest_step(workdir) == stopped
+    assert stopped < 6, "the run went past the straight run before the signal landed"
+    train_and_evaluate(straight[0], workdir)
+    _assert_same_run(workdir, straight)
 
 
 # ------------------------------------------------------------------- damaged checkpoints
-
-@pytest.fixture(scope="module")
-def two_checkpoints(tmp_path_factory):
-    """A 4-step run saved at steps 2 and 4, and its final state."""
-    workdir = tmp_path_factory.mktemp("two")
-    cfg = small_config(*CONSTANT, "train.steps=4")
-    train_and_evaluate(cfg, workdir)
-    return cfg, workdir, _load(cfg, workdir, 4)
-
 
 def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -181,38 +265,68 @@ DAMAGE = {
     "config metadata cut short": lambda d: _truncate(d / "config" / "metadata"),
     "data item deleted": lambda d: shutil.rmtree(d / "data"),
     "state metadata cut short": lambda d: _truncate(d / "state" / "_METADATA"),
+    "state array file cut short": lambda d: _truncate(max(
+        (d / "state").rglob("d/*"), key=lambda p: p.stat().st_size)),
 }
 
 
+def _damaged_copy(straight, tmp_path, damage):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight[1], workdir)
+    DAMAGE[damage](workdir / "checkpoints" / "6")
+    return workdir
+
+
+def _restore_newest(cfg, workdir):
+    """What train.py's start does: (state, step) restored through a manager and iterator."""
+    cfg = resolve(cfg)
+    mesh = moejax.make_mesh(cfg.mesh)
+    iterator = moedata.make_train_iterator(cfg.data, moedata.make_tokenizer(cfg.data.tokenizer),
+                                           cfg.train.seq_len, cfg.train.batch_size)
+    manager = checkpoint.make_manager(workdir, cfg.train.keep_checkpoints)
+    try:
+        with moejax.use_mesh(mesh):
+            state, step = checkpoint.restore_newest(manager, make_setup(cfg, mesh).abstract,
+                                                    iterator, cfg)
+        return jax.device_get(state), step
+    finally:
+        checkpoint.close(manager)
+        iterator.close()
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumed(
-        two_checkpoints, tmp_path, capfd, damage):
-    cfg, original, final = two_checkpoints
-    workdir = tmp_path / "run"
-    shutil.copytree(original, workdir)
-    DAMAGE[damage](workdir / "checkpoints" / "4")
-    out = train_and_evaluate(cfg, workdir)
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_restored(
+        straight, tmp_path, capfd, damage):
+    workdir = _damaged_copy(straight, tmp_path, damage)
+    state, step = _restore_newest(straight[0], workdir)
+    assert step == 4
+    jax.tree.map(np.testing.assert_array_equal, state, straight[3])
     err = capfd.readouterr().err
-    assert out["step"] == 4
-    assert re.search(r"checkpoint step 4 at \S+/checkpoints/4 does not restore", err), err
-    assert (workdir / "checkpoints" / "4.corrupt-0").is_dir()  # set aside, not deleted
-    jax.tree.map(np.testing.assert_array_equal, _load(cfg, workdir, 4), final)
+    assert re.search(r"checkpoint step 6 at \S+/checkpoints/6 does not restore", err), err
+    assert (workdir / "checkpoints" / "6.corrupt-0").is_dir()  # set aside, not deleted
+    assert not (workdir / "checkpoints" / "6").exists()
 
 
-def test_eval_loads_the_previous_checkpoint_and_a_model_change_is_still_refused(
-        two_checkpoints, tmp_path):
-    cfg, original, _ = two_checkpoints
-    workdir = tmp_path / "run"
-    shutil.copytree(original, workdir)
-    DAMAGE["config metadata cut short"](workdir / "checkpoints" / "4")
+def test_training_resumes_past_a_damaged_checkpoint_to_the_same_state(straight, tmp_path):
+    """The issue's case: checkpoints/<newest>/config/metadata cut short."""
+    workdir = _damaged_copy(straight, tmp_path, "config metadata cut short")
+    assert train_and_evaluate(straight[0], workdir)["step"] == 6
+    assert (workdir / "checkpoints" / "6.corrupt-0").is_dir()
+    jax.tree.map(np.testing.assert_array_equal, _load(straight[0], workdir, 6), straight[4])
+
+
+def test_eval_uses_the_previous_checkpoint_and_a_model_change_is_still_refused(
+        straight, tmp_path):
+    cfg = straight[0]
+    workdir = _damaged_copy(straight, tmp_path, "config metadata cut short")
     with pytest.raises(ValueError, match="model.moe.num_experts: 8 -> 4"):
-        train_and_evaluate(small_config(*CONSTANT, "train.steps=6",
+        train_and_evaluate(small_config(*CONSTANT, "train.steps=8",
                                         "model.moe.num_experts=4"), workdir)
-    assert (workdir / "checkpoints" / "4").is_dir()  # refused before anything moved
+    assert (workdir / "checkpoints" / "6").is_dir()  # refused before anything moved
     resolved = resolve(cfg)
     mesh = moejax.make_mesh(resolved.mesh)
     with moejax.use_mesh(mesh):
         setup = make_setup(resolved, mesh)
         state, step = checkpoint.load_newest_state(workdir, setup.abstract, resolved)
-    assert step == 2 and int(state.step) == 2
-    assert (workdir / "checkpoints" / "4.corrupt-0").is_dir()
+    assert step == 4 and int(state.step) == 4
+    assert (workdir / "checkpoints" / "6.corrupt-0").is_dir()
