@@ -307,6 +307,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_restored(
     assert not (workdir / "checkpoints" / "6").exists()
 
 
+@pytest.mark.slow  # ~10 s; the default tests restore past each damage without training
 def test_training_resumes_past_a_damaged_checkpoint_to_the_same_state(straight, tmp_path):
     """The issue's case: checkpoints/<newest>/config/metadata cut short."""
     workdir = _damaged_copy(straight, tmp_path, "config metadata cut short")
@@ -323,6 +324,7 @@ def test_eval_uses_the_previous_checkpoint_and_a_model_change_is_still_refused(
         train_and_evaluate(small_config(*CONSTANT, "train.steps=8",
                                         "model.moe.num_experts=4"), workdir)
     assert (workdir / "checkpoints" / "6").is_dir()  # refused before anything moved
+    assert checkpoint.check_compatible(workdir, resolve(cfg)) == 4  # 6's config unreadable
     resolved = resolve(cfg)
     mesh = moejax.make_mesh(resolved.mesh)
     with moejax.use_mesh(mesh):

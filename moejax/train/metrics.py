@@ -19,6 +19,8 @@ Train metrics, one record per logged step (process 0 only):
   moe/load_max_over_mean/layer_<i>  busiest expert's load / mean load in decoder layer i
                         (i counts dense layers too, so the first MoE layer is num_dense_layers)
   moe/bias_norm         L2 norm of all aux-loss-free balance biases after this step
+  skipped_steps         steps the non-finite guard (or the loss-spike check) skipped
+                        since this process started (moejax/train/guard.py)
 
 Records go to `<workdir>/metrics.jsonl` (one JSON object per line, with "step") and to
 TensorBoard event files under `<workdir>/tensorboard/`.
