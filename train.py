@@ -88,7 +88,8 @@ def main(argv: list[str]) -> None:
     if jax.process_index() == 0:
         print(json.dumps(final, indent=2), flush=True)
         if "preempted" in final:
-            name = signal.Signals(int(final["preempted"])).name
+            number = int(final["preempted"])
+            name = signal.Signals(number).name if number else "a signal to another process"
             print(f"train.py: stopped by {name} after step {final['step']}; its checkpoint "
                   f"is saved in {_WORKDIR.value}; run the same command to resume.", flush=True)
 

@@ -332,3 +332,32 @@ def test_eval_uses_the_previous_checkpoint_and_a_model_change_is_still_refused(
         state, step = checkpoint.load_newest_state(workdir, setup.abstract, resolved)
     assert step == 4 and int(state.step) == 4
     assert (workdir / "checkpoints" / "6.corrupt-0").is_dir()
+
+
+@pytest.mark.slow  # ~5 min on 2 cores: two processes compile side by side
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
+    """Only process 1 gets SIGTERM; both stop after the same step (their save is one
+    collective Orbax checkpoint, which completes only if they agree) and exit 0."""
+    from test_multiprocess import MESHES, SHARD_MAP, launch, script_args, wait_all
+    workdir, log = tmp_path / "run", tmp_path / "log"
+    procs = launch(script_args("train.py", workdir, [
+        *MESHES[SHARD_MAP], "train.steps=100000", "train.save_every=100000"]), 2, 4, log)
+    try:
+        deadline = time.monotonic() + 800
+        while not (workdir / "metrics.jsonl").exists() or len(_records(workdir)) < 1:
+            assert all(p.poll() is None for p in procs), (tmp_path / "log.0").read_text()
+            assert time.monotonic() < deadline, "no steps were logged in time"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = wait_all(procs, log, timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = [(tmp_path / f"log.{i}").read_text() for i in range(2)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    stopped = int(re.search(r"stopped by a signal to another process after step (\d+)",
+                            logs[0]).group(1))
+    assert "SIGTERM: finishing the step in flight" in logs[1]
+    assert checkpoint.latest_step(workdir) == stopped
+    assert max(_records(workdir)) == stopped

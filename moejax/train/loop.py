@@ -211,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
     missing or too little data, or a workdir holding another model's checkpoint;
     `NonFiniteError` when the non-finite guard stops the run (nothing non-finite saved).
     A SIGTERM / SIGINT (first one; a second exits at once) saves the step in flight and
-    returns early, without final validation, with `preempted` set to the signal number.
+    returns early, without final validation, with `preempted` set to the signal number
+    (0 on a process that stopped because another one got the signal).
     """
     cfg = config if isinstance(config, Config) else resolve(config)
     workdir = as_path(workdir)  # a local folder or a URL (moejax.storage)
@@ -243,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
                                         validation, preemption)
                 if stopped:
                     return {**logger.latest, "step": int(state.step),
-                            "preempted": float(preemption.signal)}
+                            "preempted": float(preemption.signal or 0)}
             final = validation(state)
             if eval_hook is not None:
                 final.update(eval_hook(state, cfg))

@@ -38,7 +38,8 @@ class Preemption:
         self.synchronise = jax.process_count() > 1 if synchronise is None else synchronise
         self._previous: dict[int, Any] = {}
         self._pending: jax.Array | None = None
-        self._reduce = None
+        self._reduce: Any = None  # jitted any() over a [devices] array, with its sharding
+        self._sharding: NamedSharding | None = None
 
     def __enter__(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():
@@ -62,7 +63,10 @@ class Preemption:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signal).name if self.signal is not None else "signal"
+        """The signal that stops the run, as this process knows it."""
+        if self.signal is None:
+            return "a signal to another process"
+        return signal.Signals(self.signal).name
 
     def stop_after_this_step(self) -> bool:
         """Whether to save and stop after the step just dispatched (call once per step)."""
@@ -73,12 +77,12 @@ class Preemption:
 
     def _any_process(self, flag: bool) -> jax.Array:
         """Dispatches max(flag over processes) (asynchronous; a replicated bool)."""
-        devices = jax.devices()
-        mesh = Mesh(np.asarray(devices), ("processes",))
-        sharding = NamedSharding(mesh, PartitionSpec("processes"))
+        count = jax.device_count()
         if self._reduce is None:
+            mesh = Mesh(np.asarray(jax.devices()), ("devices",))
+            self._sharding = NamedSharding(mesh, PartitionSpec("devices"))
             self._reduce = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, PartitionSpec()))
         flags = jax.make_array_from_callback(
-            (len(devices),), sharding, lambda index: np.full(
-                len(range(*index[0].indices(len(devices)))), flag))
+            (count,), self._sharding,
+            lambda index: np.full(len(range(*index[0].indices(count))), flag))
         return self._reduce(flags)
