@@ -207,7 +207,7 @@ def _newest_that_restores(manager: ocp.CheckpointManager, attempt: Any,
         except IncompatibleCheckpoint:
             raise
         except Exception as e:  # noqa: BLE001 - any failure to read is a damaged step
-            result, error = None, f"{type(e).__name__}: {e}"
+            result, error = None, _short(e)
         errors = [x for x in distributed.allgather_json(error) if x]
         if not errors:
             for bad, why in failures:
@@ -225,6 +225,12 @@ def _newest_that_restores(manager: ocp.CheckpointManager, attempt: Any,
             "changed (e.g. optimizer.name), restore it; if the files are damaged, move "
             "them aside to start afresh. Nothing was changed.")
     return None, None
+
+
+def _short(error: Exception) -> str:
+    """'Type: first line of the message' (Orbax / TensorStore messages run long)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def restore_newest(manager: ocp.CheckpointManager, abstract_state: TrainState, iterator: Any,

@@ -28,7 +28,7 @@ holds a NaN or inf.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import flax.struct
 import jax
@@ -142,7 +142,7 @@ def tripped_terms(cfg: Config, mask: int) -> list[str]:
     return [n for i, n in enumerate((*guard_terms(cfg), SPIKE)) if mask >> i & 1]
 
 
-def check_guard(cfg: Config, guard: Mapping[str, Any] | Guard, last_saved: int | None
+def check_guard(cfg: Config, guard: Guard, last_saved: int | None
                 ) -> None:
     """Raises NonFiniteError naming the step and the terms if `guard` (fetched) tripped."""
     step = int(guard.tripped_step)
