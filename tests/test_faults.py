@@ -20,8 +20,8 @@ import moejax
 from moejax import data as moedata
 from moejax.config import resolve
 from moejax.train import checkpoint, init_state, make_setup, train_and_evaluate
-from moejax.train.guard import (Guard, NonFiniteError, _is_spike, check_guard, init_guard,
-                                make_guarded_step)
+from moejax.train.guard import (Guard, NonFiniteError, _is_spike, check_guard, guard_terms,
+                                init_guard, make_guarded_step)
 from moejax.train.preemption import Preemption
 
 # Same schedule whatever train.steps is, so "N steps, then more" is the same run.
@@ -135,6 +135,12 @@ def test_a_loss_spike_is_recognised_only_with_a_full_window():
     assert bool(_is_spike(guard, np.float32(8.0), 2.5))  # median 2.75: 8 > 6.875
     assert not bool(_is_spike(guard, np.float32(8.0), 3.0))  # 8 < 8.25
     assert not bool(_is_spike(guard.replace(filled=np.int32(3)), np.float32(1e6), 2.5))
+    cfg = resolve(small_config("train.spike_factor=2.5", "train.max_skipped_steps=2"))
+    spikes = guard.replace(tripped_step=np.int32(9),
+                           tripped_terms=np.int32(1 << len(guard_terms(cfg))))
+    with pytest.raises(NonFiniteError, match=r"step 9 made 3 skipped steps in a row "
+                                             r"\(its bad terms: loss_spike\)"):
+        check_guard(cfg, spikes, 4)
 
 
 @pytest.mark.parametrize("override, field", [

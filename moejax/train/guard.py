@@ -148,12 +148,13 @@ def check_guard(cfg: Config, guard: Guard, last_saved: int | None
     step = int(guard.tripped_step)
     if step < 0:
         return
-    terms = ", ".join(tripped_terms(cfg, int(guard.tripped_terms))) or "none"
+    names = tripped_terms(cfg, int(guard.tripped_terms))
+    terms = ", ".join(names) or "none"
     kept = (f"the newest checkpoint is step {last_saved}" if last_saved is not None
             else "no checkpoint was written")
     fix = ("lower optimizer.learning_rate, set optimizer.grad_clip_norm > 0 or check the "
            "data of that step")
-    if cfg.train.nonfinite == "stop":
+    if cfg.train.nonfinite == "stop" and set(names) - {SPIKE}:
         raise NonFiniteError(
             f"step {step} is not finite ({terms}); train.nonfinite='stop' ended the run "
             f"without saving it ({kept}). To go on, {fix}, or set train.nonfinite='skip'.")
