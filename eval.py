@@ -1,10 +1,12 @@
 """Evaluate a moejax run: `python eval.py --config configs/tiny.py --workdir DIR`.
 
-Restores the newest checkpoint in DIR; computes validation loss, perplexity and bits per
-byte (next to the byte-unigram baseline), reports expert usage per layer, samples from
-`--prompt` with the KV cache (greedy and temperature/top-p), writes DIR/eval.json and
-prints a short summary. Config overrides and `--multihost` work as in train.py; every
-process evaluates its rows of the batches, process 0 writes eval.json.
+Restores the newest checkpoint in DIR (a damaged newer one is reported and renamed
+`<step>.corrupt-<n>`, and the previous one is used; moejax/train/checkpoint.py); computes
+validation loss, perplexity and bits per byte (next to the byte-unigram baseline), reports
+expert usage per layer, samples from `--prompt` with the KV cache (greedy and
+temperature/top-p), writes DIR/eval.json and prints a short summary. Config overrides and
+`--multihost` work as in train.py; every process evaluates its rows of the batches,
+process 0 writes eval.json.
 """
 import sys
 
