@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -102,6 +102,28 @@ def abstract_variables(m: ModelConfig) -> Any:
     return nn.unbox(jax.eval_shape(Transformer(m).init, jax.random.key(0), tokens))
 
 
+def tokenizer_of(hf_dir: str | pathlib.Path) -> str:
+    """The folder's tokenizer.json (absolute path), else the byte tokenizer."""
+    tokenizer = pathlib.Path(hf_dir) / "tokenizer.json"
+    return str(tokenizer.absolute()) if tokenizer.is_file() else "byte"
+
+
+def describe(hf_dir: str | pathlib.Path, names: list[str], dtype: str
+             ) -> tuple[ModelConfig, Callable[[str], bool], tuple[int, int]]:
+    """(moejax model of the checkpoint, which tensor names carry no weight of their own
+    (FP8 scales, the MTP layer's copies of embed / head), FP8 block rows x columns)."""
+    hf = read_config(hf_dir)
+    mtp_prefix = f"model.layers.{hf.get('num_hidden_layers')}."
+    has_mtp = any(n.startswith(mtp_prefix) for n in names)
+    model = hf_config.model_from_hf(hf, mtp_depth=1 if has_mtp else 0, param_dtype=dtype)
+    block = tuple(hf.get("quantization_config", {}).get("weight_block_size", (128, 128)))
+
+    def skip(name: str) -> bool:
+        return name.endswith(SCALE_SUFFIX) or (name.startswith(mtp_prefix) and
+                                               name[len(mtp_prefix):] in MTP_DUPLICATES)
+    return model, skip, block
+
+
 def load(hf_dir: str | pathlib.Path, dtype: str = "float32"
          ) -> tuple[ConfigDict, dict[str, Any]]:
     """Imports a `deepseek_v3` HF checkpoint: (moejax ConfigDict, variables).
@@ -110,21 +132,14 @@ def load(hf_dir: str | pathlib.Path, dtype: str = "float32"
     Raises ValueError for other model types, unknown tensor names or an incomplete model.
     """
     hf_dir = pathlib.Path(hf_dir)
-    hf = read_config(hf_dir)
     reader = CheckpointReader(hf_dir)
-    mtp_prefix = f"model.layers.{hf.get('num_hidden_layers')}."
-    has_mtp = any(n.startswith(mtp_prefix) for n in reader.names())
-    model = hf_config.model_from_hf(hf, mtp_depth=1 if has_mtp else 0,
-                                    param_dtype=dtype)
-    tokenizer = hf_dir / "tokenizer.json"
-    cfg = config_dict(model, str(tokenizer.absolute()) if tokenizer.is_file() else "byte")
-    block = tuple(hf.get("quantization_config", {}).get("weight_block_size", (128, 128)))
+    model, skip, block = describe(hf_dir, reader.names(), dtype)
+    cfg = config_dict(model, tokenizer_of(hf_dir))
     buffers = _Buffers(abstract_variables(model))
     unknown = []
     for names in reader.by_file().values():
         for name in names:
-            if name.endswith(SCALE_SUFFIX) or (name.startswith(mtp_prefix) and
-                                               name[len(mtp_prefix):] in MTP_DUPLICATES):
+            if skip(name):
                 continue
             try:
                 writes = import_writes(name, reader.read_float(name, block), model)

@@ -87,6 +87,13 @@ class CheckpointReader:
         header, base = self._headers[path]
         return header[name], base
 
+    def locate(self, name: str) -> tuple[pathlib.Path, str, list[int], int]:
+        """(file, safetensors dtype name, shape, absolute byte offset of the data)."""
+        if name not in self.files:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint {self.directory}.")
+        info, base = self._info(name)
+        return self.files[name], info["dtype"], info["shape"], base + info["data_offsets"][0]
+
     def read(self, name: str) -> np.ndarray:
         """The tensor as stored (FP8 as ml_dtypes arrays)."""
         if name not in self.files:
