@@ -30,6 +30,7 @@ import numpy as np
 from moejax.config import (DataConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig,
                            model_config)
 from moejax.interop import hf_config
+from moejax.interop.host_view import host_views, to_numpy
 from moejax.interop.hf_names import MTP_DUPLICATES, import_writes, layer_tensors
 from moejax.interop.safetensors_io import SCALE_SUFFIX, CheckpointReader, ShardedWriter
 from moejax.model.transformer import Transformer
@@ -156,30 +157,33 @@ def load(hf_dir: str | pathlib.Path, dtype: str = "float32"
 
 
 def _numpy(x: Any, dtype: np.dtype | None) -> np.ndarray:
-    a = np.asarray(jax.device_get(x))
+    a = to_numpy(x)
     return a.astype(dtype) if dtype is not None and a.dtype != dtype else a
 
 
 def _layer_params(m: ModelConfig, params: dict[str, Any], layer: int) -> dict[str, Any]:
     stack = "dense_stack" if layer < m.num_dense_layers else "moe_stack"
     i = layer if layer < m.num_dense_layers else layer - m.num_dense_layers
-    layer_tree = (jax.tree.map(lambda a: a[i], params[stack]["layers"]) if m.scan_layers
-                  else params[stack][f"layers_{i}"])
-    return jax.device_get(layer_tree)  # one layer on the host at a time
+    return (jax.tree.map(lambda a: a[i], params[stack]["layers"]) if m.scan_layers
+            else params[stack][f"layers_{i}"])  # HostViews: copied tensor by tensor
 
 
 def save(config: Any, variables: dict[str, Any], out_dir: str | pathlib.Path,
-         dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> None:
+         dtype: str | None = None, max_shard_bytes: int = 4 << 30, write: bool = True) -> None:
     """Writes `variables` as a HF `deepseek_v3` folder (config.json + safetensors).
 
     `config`: a ConfigDict with a model section, or a ModelConfig. `dtype` converts the
     weights (e.g. "bfloat16"); the router and its correction bias stay fp32 as in HF.
+    Variables may be numpy or (sharded, multi-process) jax.Arrays: they are copied to the
+    host one tensor at a time (host_view.py). With several processes every process calls
+    `save` and only the one with `write` True writes.
     """
     m = config if isinstance(config, ModelConfig) else model_config(config.model)
     hf = hf_config.hf_from_model(m, dtype or m.param_dtype)
     np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
-    params, biases = variables["params"], variables.get("moe_bias", {})
-    writer = ShardedWriter(out_dir, max_shard_bytes)
+    params = host_views(variables["params"])
+    biases = host_views(variables.get("moe_bias", {}))
+    writer = ShardedWriter(out_dir, max_shard_bytes, enabled=write)
 
     def put(name: str, value: Any) -> None:
         fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
@@ -193,8 +197,7 @@ def save(config: Any, variables: dict[str, Any], out_dir: str | pathlib.Path,
             put(f"model.layers.{layer}.{suffix}", value)
     if m.mtp.depth:
         mtp, prefix = params["mtp"], f"model.layers.{m.num_layers}."
-        for suffix, value in layer_tensors(jax.device_get(mtp["block"]),
-                                           biases["mtp_bias"][0]):
+        for suffix, value in layer_tensors(mtp["block"], biases["mtp_bias"][0]):
             put(prefix + suffix, value)
         put(prefix + "enorm.weight", mtp["enorm"]["scale"])
         put(prefix + "hnorm.weight", mtp["hnorm"]["scale"])
@@ -207,5 +210,6 @@ def save(config: Any, variables: dict[str, Any], out_dir: str | pathlib.Path,
     if not m.tie_embeddings:
         put("lm_head.weight", np.asarray(params["head"]["kernel"]).T)
     writer.close()
-    (pathlib.Path(out_dir) / "config.json").write_text(json.dumps(hf, indent=2))
+    if write:
+        (pathlib.Path(out_dir) / "config.json").write_text(json.dumps(hf, indent=2))
 
