@@ -18,6 +18,7 @@ from test_v4 import _quant_fp4, _quant_fp8, _randomise_variables
 
 from moejax.config.v4 import V4Config
 from moejax.interop import hf, hf_config, hf_stream, hf_v4, safetensors_slices
+from moejax.interop.lazy_view import LazyView, apply, source_box
 from moejax.interop.safetensors_io import INDEX_FILE, dequantize_fp8
 from moejax.interop.safetensors_slices import Source, Stored, read_box, write_safetensors
 from moejax.sharding import make_mesh
@@ -38,6 +39,28 @@ def _boxes(shape, count, seed=0):
 
 def _cut(array, box):
     return array[tuple(slice(lo, hi) for lo, hi in box)]
+
+
+@pytest.mark.parametrize("shape, rule", [
+    ((12, 6), lambda w: w.T),
+    ((12, 6), lambda w: w.T.reshape(6, 3, -1)),  # per head
+    ((12, 6), lambda w: w[5:].T),  # kv_a's rope rows
+    ((21, 5), lambda w: w.reshape(3, -1, 5)[:, 4:].transpose(2, 0, 1)),  # kv_b's values
+    ((4, 10, 6), lambda w: w[:, :5].transpose(0, 2, 1)),  # fused gate_up's gate
+    ((6, 24), lambda w: w.reshape(2, 3, 4, 6).transpose(3, 0, 2, 1)),
+    ((5,), lambda w: w.astype(np.int32))])
+def test_a_lazy_view_maps_every_box_back_to_its_source_box(shape, rule):
+    w = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    whole, view = rule(w), rule(LazyView("w", shape))
+    assert view.shape == whole.shape
+    for box in _boxes(whole.shape, 40):
+        read = source_box(view, box)
+        np.testing.assert_array_equal(apply(view, _cut(w, read), read, box), _cut(whole, box))
+
+
+def test_a_lazy_view_refuses_reshapes_that_merge_axes():
+    with pytest.raises(NotImplementedError, match="merges"):
+        LazyView("w", (4, 6)).T.reshape(24)
 
 
 def test_read_box_reads_any_box_of_any_dtype(tmp_path, monkeypatch):

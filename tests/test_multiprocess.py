@@ -251,8 +251,9 @@ def test_a_killed_peer_stops_the_job_and_a_restart_resumes(tmp_path):
 def test_a_killed_coordinator_stops_the_job_and_a_restart_resumes(tmp_path):
     """SIGKILL process 0, which also hosts the coordination service: process 1 loses the
     service, exits non-zero within HEARTBEAT + KILL_GRACE = 65 s with an error naming the
-    lost coordinator (measured: at once, when the service's socket closes); a restart of
-    both resumes from the newest complete checkpoint."""
+    lost coordinator (the service's socket closes with process 0, so process 1 does not
+    wait for a heartbeat timeout); a restart of both resumes from the newest complete
+    checkpoint."""
     text = kill_one_then_restart(tmp_path, victim=0)
     # jax 0.10.2: "Terminating process because the JAX distributed service detected fatal
     # errors ... UNAVAILABLE: Failed to send RPC to coordination service. Either the leader

@@ -110,20 +110,6 @@ def full_box(shape: Sequence[int]) -> Box:
     return tuple((0, int(s)) for s in shape)
 
 
-def _shapes(view: LazyView) -> list[tuple[int, ...]]:
-    """The input shape of every recorded operation."""
-    shapes, shape = [], view.source_shape
-    for op in view.ops:
-        shapes.append(shape)
-        if op.kind == "transpose":
-            shape = tuple(shape[p] for p in op.arg)
-        elif op.kind == "split":
-            shape = shape[:op.axis] + op.arg + shape[op.axis + 1:]
-        else:
-            shape = shape[:op.axis] + (op.arg[1] - op.arg[0],) + shape[op.axis + 1:]
-    return shapes
-
-
 def source_box(view: LazyView, box: Box) -> Box:
     """The box of the source tensor that the view's `box` is cut from (see module doc)."""
     box = list(box)

@@ -6,7 +6,7 @@ positioned reads (`os.pread`) of at most `CHUNK_BYTES` at a time: whole rows whe
 spans whole rows, else row by row down to the first axis whose rows fit a chunk. Nothing is
 memory-mapped, so the process's resident memory grows by the box (plus one chunk), never
 by the tensor: `safetensors.safe_open(framework="numpy").get_slice` cannot read FP8
-(numpy has no float8 types; checked with safetensors 0.7) and maps whole files, whose
+(numpy has no float8 types; checked with safetensors 0.8.0) and maps whole files, whose
 touched pages count in the process's RSS.
 
 `Source` is one logical (dequantised) checkpoint tensor:
