@@ -1,7 +1,7 @@
 """Peak host memory (RSS) of the HF import: streaming (hf_stream) vs the whole-model import.
 
-    python bench/hf_import_rss.py --experts 32    # 1.9 GB checkpoint, all imports
-    python bench/hf_import_rss.py --no-whole      # 3.3 GB checkpoint, streaming only
+    python bench/hf_import_rss.py --experts 32    # 1.68 GiB checkpoint, all imports
+    python bench/hf_import_rss.py --no-whole      # 3.00 GiB checkpoint, streaming only
 
 1. Generates a synthetic DeepSeek-V3-shaped checkpoint with numpy (no torch) in a temp
    folder: config.json with larger dims (D=2048, 64 experts of F=1024, 8 layers), FP8

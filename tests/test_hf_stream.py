@@ -240,19 +240,26 @@ def test_streaming_refuses_what_the_whole_model_import_refuses(v3_folder, tmp_pa
         hf_stream.load_sharded(tmp_path, mesh)
 
 
+@pytest.mark.slow  # ~40 s: two imports (Orbax step-0 checkpoints) and two exports; the
+# default suite runs the CLI through test_hf_v4_export.py::test_cli_import_then_export_...
 def test_cli_streams_onto_the_mesh_and_exports_from_the_shards(v3_folder, tmp_path):
     """`import --mesh fsdp=4,expert=2` (dtype auto: bf16 for an FP8 checkpoint) writes a
     step-0 checkpoint of the streamed parameters; `export` restores only the variables and
-    writes them back: the whole-model import's bf16 values."""
+    writes them back: the whole-model import's bf16 values, as `import --whole-model`
+    (default mesh) then `export` give."""
     from moejax.interop import hf_cli
     work = tmp_path / "work"
     config_file = hf_cli.import_checkpoint(str(v3_folder), str(work),
-                                           mesh=hf_cli.parse_mesh("fsdp=4,expert=2"))
+                                           mesh_sizes=hf_cli.parse_mesh("fsdp=4,expert=2"))
     text = config_file.read_text()
     assert "'fsdp': 4" in text and "'expert': 2" in text and "'bfloat16'" in text
     assert hf_cli.export_checkpoint(str(work), str(tmp_path / "out")) == 0
     _, exported = hf.load(tmp_path / "out", dtype="bfloat16")
     _, reference = hf.load(v3_folder, dtype="bfloat16")
     jax.tree.map(np.testing.assert_array_equal, exported, reference)
+    hf_cli.import_checkpoint(str(v3_folder), str(tmp_path / "whole"), whole_model=True)
+    hf_cli.export_checkpoint(str(tmp_path / "whole"), str(tmp_path / "whole-out"))
+    _, whole = hf.load(tmp_path / "whole-out", dtype="bfloat16")
+    jax.tree.map(np.testing.assert_array_equal, whole, reference)
     with pytest.raises(ValueError, match="--mesh"):
         hf_cli.parse_mesh("fsdp=4,pipeline=2")

@@ -127,12 +127,12 @@ def _stream_variables(plan: hf_stream.Plan, setup: Any) -> dict[str, Any]:
 
 
 def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "auto",
-                      mesh: dict[str, int] | None = None, whole_model: bool = False
+                      mesh_sizes: dict[str, int] | None = None, whole_model: bool = False
                       ) -> epath.Path:
     """HF folder -> `workdir` with a step-0 checkpoint and its config file; returns the file.
 
-    Streams the tensors into sharded arrays (hf_stream) unless `whole_model`; `mesh`
-    overrides the config's mesh sizes (see `parse_mesh`).
+    Streams the tensors into sharded arrays (hf_stream) unless `whole_model`;
+    `mesh_sizes` overrides the config's mesh sizes (see `parse_mesh`).
     """
     dtype = auto_dtype(hf_dir) if dtype == "auto" else dtype
     if whole_model:
@@ -140,8 +140,8 @@ def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "auto",
     else:
         plan = hf_stream.plan(hf_dir, dtype)
         config = hf_stream.config_dict(plan, hf_dir)
-    if mesh:
-        config.mesh.update(mesh)
+    if mesh_sizes:
+        config.mesh.update(mesh_sizes)
     cfg = resolve(config)
     work = as_path(workdir)  # a local folder or a URL (moejax.storage)
     if checkpoint.latest_step(work) is not None:
@@ -153,14 +153,13 @@ def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "auto",
         if not whole_model:
             variables = _stream_variables(plan, setup)
         params = variables["params"]
-        state = TrainState(
-            step=jax.device_put(jax.numpy.zeros((), jax.numpy.int32), setup.shardings.step),
-            params=params,
-            opt_state=jax.jit(setup.tx.init, out_shardings=setup.shardings.opt_state)(params),
-            moe_bias=variables.get("moe_bias", {}),
-            frozen={c: variables[c] for c in FROZEN if c in variables})
-        state = jax.device_put(state, setup.shardings)  # whole-model import: the layout
-        del variables, params
+        opt_state = (setup.tx.init(params) if whole_model else  # streamed: made in place
+                     jax.jit(setup.tx.init, out_shardings=setup.shardings.opt_state)(params))
+        state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                           opt_state=opt_state, moe_bias=variables.get("moe_bias", {}),
+                           frozen={c: variables[c] for c in FROZEN if c in variables})
+        state = jax.device_put(state, setup.shardings)  # a no-op for the streamed leaves
+        del variables, params, opt_state
         tokenizer = moedata.make_tokenizer(cfg.data.tokenizer)
         train_it = moedata.make_train_iterator(
             cfg.data, tokenizer, cfg.train.seq_len, cfg.train.batch_size,
