@@ -170,6 +170,14 @@ def child(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
+def _available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (Linux, as /usr/bin/time -v)."""
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,7 +186,6 @@ def _free_port() -> int:
 
 def run_case(mode: str, processes: int, devices: int, hf_dir: pathlib.Path,
              work: pathlib.Path, dtype: str) -> list[dict]:
-    import psutil
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     if processes > 1:
@@ -197,7 +204,7 @@ def run_case(mode: str, processes: int, devices: int, hf_dir: pathlib.Path,
         log.close()
     killed = False
     while any(p.poll() is None for p in procs):
-        if psutil.virtual_memory().available < GUARD_BYTES:
+        if _available_bytes() < GUARD_BYTES:
             killed = True
             for p in procs:
                 p.kill()
