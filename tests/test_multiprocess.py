@@ -241,8 +241,9 @@ def kill_one_then_restart(tmp_path: pathlib.Path, victim: int) -> str:
 def test_a_killed_peer_stops_the_job_and_a_restart_resumes(tmp_path):
     """SIGKILL process 1 after the first checkpoint: process 0 is stopped by JAX's
     coordination service once the peer misses its heartbeats (MOEJAX_HEARTBEAT_TIMEOUT_
-    SECONDS=5), exits non-zero within HEARTBEAT + KILL_GRACE = 65 s, and says a task died;
-    a restart of both processes resumes from the newest complete checkpoint."""
+    SECONDS=5), exits non-zero within HEARTBEAT + KILL_GRACE = 65 s (measured 5.8 s,
+    jax 0.10.2, 2 cores), and says a task died; a restart of both processes resumes from
+    the newest complete checkpoint."""
     text = kill_one_then_restart(tmp_path, victim=1)
     assert "another task died" in text or "stopped sending heartbeats" in text, text[-3000:]
 
@@ -252,8 +253,8 @@ def test_a_killed_coordinator_stops_the_job_and_a_restart_resumes(tmp_path):
     """SIGKILL process 0, which also hosts the coordination service: process 1 loses the
     service, exits non-zero within HEARTBEAT + KILL_GRACE = 65 s with an error naming the
     lost coordinator (the service's socket closes with process 0, so process 1 does not
-    wait for a heartbeat timeout); a restart of both resumes from the newest complete
-    checkpoint."""
+    wait for a heartbeat timeout: measured 0.8 s); a restart of both resumes from the
+    newest complete checkpoint."""
     text = kill_one_then_restart(tmp_path, victim=0)
     # jax 0.10.2: "Terminating process because the JAX distributed service detected fatal
     # errors ... UNAVAILABLE: Failed to send RPC to coordination service. Either the leader
