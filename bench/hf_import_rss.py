@@ -2,6 +2,7 @@
 
     python bench/hf_import_rss.py --experts 32    # 1.68 GiB checkpoint, all imports
     python bench/hf_import_rss.py --no-whole      # 3.00 GiB checkpoint, streaming only
+    python bench/hf_import_rss.py --experts 8 --cli   # + the import command itself
 
 1. Generates a synthetic DeepSeek-V3-shaped checkpoint with numpy (no torch) in a temp
    folder: config.json with larger dims (D=2048, 64 experts of F=1024, 8 layers), FP8
@@ -17,9 +18,11 @@
              `stream` (what `python -m moejax.interop import` does before it adds the
              fresh optimizer state and writes the step-0 checkpoint).
      baseline  the same child without an import (Python, JAX, moejax, the mesh).
-   The CLI's optimizer state (AdamW moments: 4 bytes x 2 per parameter on top of the bf16
-   parameters) is left out: it is the same for both imports and alone would not fit this
-   machine at this model size.
+   With --cli also `python -m moejax.interop import` itself (cli-stream, and cli-whole
+   with --whole-model): it adds the fresh AdamW moments (two more copies of the
+   parameters, in their dtype) and writes the step-0 Orbax checkpoint, so its train state
+   is 3x the model; the same for both imports, and too much for this machine at the
+   larger sizes.
 3. Prints checkpoint bytes, the largest stored tensor and the largest moejax leaf, each
    process's shard bytes (its addressable shards) and its peak RSS.
 
@@ -195,9 +198,14 @@ def run_case(mode: str, processes: int, devices: int, hf_dir: pathlib.Path,
     for i in range(processes):
         tag = work / f"{mode}-{processes}x{devices}-{i}"
         files.append(tag)
-        cmd = ["/usr/bin/time", "-v", "-o", f"{tag}.time", sys.executable, __file__,
-               "--child", mode, "--hf-dir", str(hf_dir), "--mesh", MESH, "--dtype", dtype,
-               "--out", f"{tag}.json"]
+        if mode.startswith("cli"):  # the import command itself: train state + checkpoint
+            run = ["-m", "moejax.interop", "import", "--hf-dir", str(hf_dir), "--workdir",
+                   str(work / f"workdir-{mode}"), "--mesh", MESH, "--dtype", dtype]
+            run += ["--whole-model"] if mode == "cli-whole" else []
+        else:
+            run = [__file__, "--child", mode, "--hf-dir", str(hf_dir), "--mesh", MESH,
+                   "--dtype", dtype, "--out", f"{tag}.json"]
+        cmd = ["/usr/bin/time", "-v", "-o", f"{tag}.time", sys.executable, *run]
         log = open(f"{tag}.log", "w")
         procs.append(subprocess.Popen(cmd, env={**env, "JAX_PROCESS_ID": str(i)},
                                       stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
@@ -232,6 +240,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-whole", action="store_true", help="skip the whole-model import "
                         "(it needs ~2.3x the model in RAM)")
+    parser.add_argument("--cli", action="store_true", help="also run `python -m moejax."
+                        "interop import` itself, streaming and --whole-model (it adds the "
+                        "AdamW moments and writes the step-0 checkpoint)")
     parser.add_argument("--keep", default="", help="generate into this folder and keep it")
     parser.add_argument("--child", choices=("baseline", "stream", "whole"),
                         help=argparse.SUPPRESS)
@@ -253,21 +264,24 @@ def main() -> None:
               f"{gib(stats['largest_tensor_bytes'])}")
         rows = []
         cases = [("baseline", 1, 8), ("stream", 1, 8), ("stream", 2, 4), ("whole", 1, 8)]
-        for mode, processes, devices in cases[:3] if args.no_whole else cases:
+        cases = cases[:3] if args.no_whole else cases
+        if args.cli:
+            cases += [("cli-stream", 1, 8), ("cli-whole", 1, 8)]
+        for mode, processes, devices in cases:
             rows += run_case(mode, processes, devices, hf_dir, work, args.dtype)
             r = rows[-1]
             print(f"  {mode} {processes}x{devices} done (rc {r['rc']})", flush=True)
         first = next(r for r in rows if r.get("model_bytes"))
         print(f"model ({args.dtype}) {gib(first['model_bytes'])}; largest moejax leaf "
               f"{gib(first['largest_leaf_bytes'])}; mesh {MESH}")
-        print(f"{'import':8} {'layout':7} {'proc':>4} {'shard bytes':>12} {'peak RSS':>10} "
+        print(f"{'import':10} {'layout':7} {'proc':>4} {'shard bytes':>12} {'peak RSS':>10} "
               f"{'RSS - shards':>12} {'seconds':>8}")
         for r in rows:
             extra = (gib(r["peak_rss_bytes"] - r["shard_bytes"])
                      if "shard_bytes" in r and r["peak_rss_bytes"] else "-")
             note = " killed by the memory guard" if r["killed_by_guard"] else (
                 f" rc {r['rc']}" if r["rc"] else "")
-            print(f"{r['mode']:8} {r['layout']:7} {r['process']:>4} "
+            print(f"{r['mode']:10} {r['layout']:7} {r['process']:>4} "
                   f"{gib(r.get('shard_bytes')):>12} {gib(r['peak_rss_bytes']):>10} "
                   f"{extra:>12} {r.get('seconds', float('nan')):>8.1f}{note}")
         print(json.dumps({"stats": stats, "rows": rows}))

@@ -263,3 +263,20 @@ def test_cli_streams_onto_the_mesh_and_exports_from_the_shards(v3_folder, tmp_pa
     jax.tree.map(np.testing.assert_array_equal, whole, reference)
     with pytest.raises(ValueError, match="--mesh"):
         hf_cli.parse_mesh("fsdp=4,pipeline=2")
+
+
+def test_each_device_reads_only_the_slice_it_owns(v3_folder, monkeypatch):
+    """Mesh fsdp=4 x expert=2: an expert's weight lives on the 4 devices of its expert
+    shard, each holding a quarter of D; so it is read 4 times, a quarter each time, and
+    never by the other 4 devices."""
+    reads = []
+    original = Source.read
+    monkeypatch.setattr(Source, "read", lambda self, box: reads.append(
+        (self.name, box, self.shape)) or original(self, box))
+    hf_stream.load_sharded(v3_folder, make_mesh(MESHES["fsdp4_expert2"]))
+    expert = [r for r in reads if ".mlp.experts." in r[0]]
+    counts = {}
+    for name, box, shape in expert:
+        counts[name] = counts.get(name, 0) + 1
+        assert np.prod([hi - lo for lo, hi in box]) * 4 == np.prod(shape), (name, box)
+    assert len(counts) == 3 * 8 * 3 and set(counts.values()) == {4}  # 2 MoE layers + MTP
