@@ -37,6 +37,7 @@ import math
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -208,14 +209,16 @@ def run_case(mode: str, processes: int, devices: int, hf_dir: pathlib.Path,
         cmd = ["/usr/bin/time", "-v", "-o", f"{tag}.time", sys.executable, *run]
         log = open(f"{tag}.log", "w")
         procs.append(subprocess.Popen(cmd, env={**env, "JAX_PROCESS_ID": str(i)},
-                                      stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+                                      stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      start_new_session=True))  # killable as a group
         log.close()
     killed = False
     while any(p.poll() is None for p in procs):
         if _available_bytes() < GUARD_BYTES:
             killed = True
             for p in procs:
-                p.kill()
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)  # /usr/bin/time and its child
         time.sleep(0.2)
     results = []
     for i, (p, tag) in enumerate(zip(procs, files)):

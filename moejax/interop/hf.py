@@ -7,7 +7,8 @@
 `load` accepts HF in-memory names (fused experts), `save_pretrained` names and the released
 checkpoint (unfused experts, FP8 e4m3 with 128x128 `weight_scale_inv`, MTP at layer
 `num_hidden_layers`); see hf_names.py. Tensors are read one at a time (memory-mapped) and
-written into preallocated arrays, so host memory holds the model once plus one tensor.
+written into preallocated arrays, so host memory holds the model once plus one tensor
+(the simple reference; `hf_stream` imports full sizes slice by slice onto a mesh).
 The imported model is dropless (`model.moe.capacity_factor = 0`), like HF.
 
 Command line (see `python -m moejax.interop --help`):
