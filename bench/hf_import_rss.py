@@ -201,7 +201,8 @@ def run_case(mode: str, processes: int, devices: int, hf_dir: pathlib.Path,
         files.append(tag)
         if mode.startswith("cli"):  # the import command itself: train state + checkpoint
             run = ["-m", "moejax.interop", "import", "--hf-dir", str(hf_dir), "--workdir",
-                   str(work / f"workdir-{mode}"), "--mesh", MESH, "--dtype", dtype]
+                   str(work / f"workdir-{mode}-{processes}x{devices}"), "--mesh", MESH,
+                   "--dtype", dtype]
             run += ["--whole-model"] if mode == "cli-whole" else []
         else:
             run = [__file__, "--child", mode, "--hf-dir", str(hf_dir), "--mesh", MESH,
@@ -269,7 +270,7 @@ def main() -> None:
         cases = [("baseline", 1, 8), ("stream", 1, 8), ("stream", 2, 4), ("whole", 1, 8)]
         cases = cases[:3] if args.no_whole else cases
         if args.cli:
-            cases += [("cli-stream", 1, 8), ("cli-whole", 1, 8)]
+            cases += [(f"cli-{how}", p, 8 // p) for p in (1, 2) for how in ("stream", "whole")]
         for mode, processes, devices in cases:
             rows += run_case(mode, processes, devices, hf_dir, work, args.dtype)
             r = rows[-1]
