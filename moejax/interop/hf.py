@@ -7,7 +7,8 @@
 `load` accepts HF in-memory names (fused experts), `save_pretrained` names and the released
 checkpoint (unfused experts, FP8 e4m3 with 128x128 `weight_scale_inv`, MTP at layer
 `num_hidden_layers`); see hf_names.py. Tensors are read one at a time (memory-mapped) and
-written into preallocated arrays, so host memory holds the model once plus one tensor.
+written into preallocated arrays, so host memory holds the model once plus one tensor
+(the simple reference; `hf_stream` imports full sizes slice by slice onto a mesh).
 The imported model is dropless (`model.moe.capacity_factor = 0`), like HF.
 
 Command line (see `python -m moejax.interop --help`):
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -30,6 +31,7 @@ import numpy as np
 from moejax.config import (DataConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig,
                            model_config)
 from moejax.interop import hf_config
+from moejax.interop.host_view import host_views, to_numpy
 from moejax.interop.hf_names import MTP_DUPLICATES, import_writes, layer_tensors
 from moejax.interop.safetensors_io import SCALE_SUFFIX, CheckpointReader, ShardedWriter
 from moejax.model.transformer import Transformer
@@ -102,6 +104,28 @@ def abstract_variables(m: ModelConfig) -> Any:
     return nn.unbox(jax.eval_shape(Transformer(m).init, jax.random.key(0), tokens))
 
 
+def tokenizer_of(hf_dir: str | pathlib.Path) -> str:
+    """The folder's tokenizer.json (absolute path), else the byte tokenizer."""
+    tokenizer = pathlib.Path(hf_dir) / "tokenizer.json"
+    return str(tokenizer.absolute()) if tokenizer.is_file() else "byte"
+
+
+def describe(hf_dir: str | pathlib.Path, names: list[str], dtype: str
+             ) -> tuple[ModelConfig, Callable[[str], bool], tuple[int, int]]:
+    """(moejax model of the checkpoint, which tensor names carry no weight of their own
+    (FP8 scales, the MTP layer's copies of embed / head), FP8 block rows x columns)."""
+    hf = read_config(hf_dir)
+    mtp_prefix = f"model.layers.{hf.get('num_hidden_layers')}."
+    has_mtp = any(n.startswith(mtp_prefix) for n in names)
+    model = hf_config.model_from_hf(hf, mtp_depth=1 if has_mtp else 0, param_dtype=dtype)
+    block = tuple(hf.get("quantization_config", {}).get("weight_block_size", (128, 128)))
+
+    def skip(name: str) -> bool:
+        return name.endswith(SCALE_SUFFIX) or (name.startswith(mtp_prefix) and
+                                               name[len(mtp_prefix):] in MTP_DUPLICATES)
+    return model, skip, block
+
+
 def load(hf_dir: str | pathlib.Path, dtype: str = "float32"
          ) -> tuple[ConfigDict, dict[str, Any]]:
     """Imports a `deepseek_v3` HF checkpoint: (moejax ConfigDict, variables).
@@ -110,21 +134,14 @@ def load(hf_dir: str | pathlib.Path, dtype: str = "float32"
     Raises ValueError for other model types, unknown tensor names or an incomplete model.
     """
     hf_dir = pathlib.Path(hf_dir)
-    hf = read_config(hf_dir)
     reader = CheckpointReader(hf_dir)
-    mtp_prefix = f"model.layers.{hf.get('num_hidden_layers')}."
-    has_mtp = any(n.startswith(mtp_prefix) for n in reader.names())
-    model = hf_config.model_from_hf(hf, mtp_depth=1 if has_mtp else 0,
-                                    param_dtype=dtype)
-    tokenizer = hf_dir / "tokenizer.json"
-    cfg = config_dict(model, str(tokenizer.absolute()) if tokenizer.is_file() else "byte")
-    block = tuple(hf.get("quantization_config", {}).get("weight_block_size", (128, 128)))
+    model, skip, block = describe(hf_dir, reader.names(), dtype)
+    cfg = config_dict(model, tokenizer_of(hf_dir))
     buffers = _Buffers(abstract_variables(model))
     unknown = []
     for names in reader.by_file().values():
         for name in names:
-            if name.endswith(SCALE_SUFFIX) or (name.startswith(mtp_prefix) and
-                                               name[len(mtp_prefix):] in MTP_DUPLICATES):
+            if skip(name):
                 continue
             try:
                 writes = import_writes(name, reader.read_float(name, block), model)
@@ -141,30 +158,33 @@ def load(hf_dir: str | pathlib.Path, dtype: str = "float32"
 
 
 def _numpy(x: Any, dtype: np.dtype | None) -> np.ndarray:
-    a = np.asarray(jax.device_get(x))
+    a = to_numpy(x)
     return a.astype(dtype) if dtype is not None and a.dtype != dtype else a
 
 
 def _layer_params(m: ModelConfig, params: dict[str, Any], layer: int) -> dict[str, Any]:
     stack = "dense_stack" if layer < m.num_dense_layers else "moe_stack"
     i = layer if layer < m.num_dense_layers else layer - m.num_dense_layers
-    layer_tree = (jax.tree.map(lambda a: a[i], params[stack]["layers"]) if m.scan_layers
-                  else params[stack][f"layers_{i}"])
-    return jax.device_get(layer_tree)  # one layer on the host at a time
+    return (jax.tree.map(lambda a: a[i], params[stack]["layers"]) if m.scan_layers
+            else params[stack][f"layers_{i}"])  # HostViews: copied tensor by tensor
 
 
 def save(config: Any, variables: dict[str, Any], out_dir: str | pathlib.Path,
-         dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> None:
+         dtype: str | None = None, max_shard_bytes: int = 4 << 30, write: bool = True) -> None:
     """Writes `variables` as a HF `deepseek_v3` folder (config.json + safetensors).
 
     `config`: a ConfigDict with a model section, or a ModelConfig. `dtype` converts the
     weights (e.g. "bfloat16"); the router and its correction bias stay fp32 as in HF.
+    Variables may be numpy or (sharded, multi-process) jax.Arrays: they are copied to the
+    host one tensor at a time (host_view.py). With several processes every process calls
+    `save` and only the one with `write` True writes.
     """
     m = config if isinstance(config, ModelConfig) else model_config(config.model)
     hf = hf_config.hf_from_model(m, dtype or m.param_dtype)
     np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
-    params, biases = variables["params"], variables.get("moe_bias", {})
-    writer = ShardedWriter(out_dir, max_shard_bytes)
+    params = host_views(variables["params"])
+    biases = host_views(variables.get("moe_bias", {}))
+    writer = ShardedWriter(out_dir, max_shard_bytes, enabled=write)
 
     def put(name: str, value: Any) -> None:
         fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
@@ -178,8 +198,7 @@ def save(config: Any, variables: dict[str, Any], out_dir: str | pathlib.Path,
             put(f"model.layers.{layer}.{suffix}", value)
     if m.mtp.depth:
         mtp, prefix = params["mtp"], f"model.layers.{m.num_layers}."
-        for suffix, value in layer_tensors(jax.device_get(mtp["block"]),
-                                           biases["mtp_bias"][0]):
+        for suffix, value in layer_tensors(mtp["block"], biases["mtp_bias"][0]):
             put(prefix + suffix, value)
         put(prefix + "enorm.weight", mtp["enorm"]["scale"])
         put(prefix + "hnorm.weight", mtp["hnorm"]["scale"])
@@ -192,5 +211,6 @@ def save(config: Any, variables: dict[str, Any], out_dir: str | pathlib.Path,
     if not m.tie_embeddings:
         put("lm_head.weight", np.asarray(params["head"]["kernel"]).T)
     writer.close()
-    (pathlib.Path(out_dir) / "config.json").write_text(json.dumps(hf, indent=2))
+    if write:
+        (pathlib.Path(out_dir) / "config.json").write_text(json.dumps(hf, indent=2))
 

@@ -27,7 +27,7 @@ import json
 import pathlib
 import re
 import struct
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Container, Iterable, Iterator, Mapping
 
 import jax
 import ml_dtypes
@@ -110,7 +110,7 @@ def dequantize(weight: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
     return dequantize_fp8(weight, scale)
 
 
-def _is_scale_of_weight(name: str, tensors: Mapping[str, Any]) -> bool:
+def is_scale_of_weight(name: str, tensors: Container[str]) -> bool:
     """`X.scale` / `X.weight_scale_inv` beside an `X.weight` (not e.g. `attn_hc.scale`)."""
     for suffix, weight_suffix in ((".scale", ".weight"), ("_scale_inv", "")):
         if name.endswith(suffix) and name[:-len(suffix)] + weight_suffix in tensors:
@@ -122,15 +122,23 @@ def dequantized(tensors: Mapping[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
     """(name, fp32 weight) of every tensor but the scales, dequantised one at a time (so
     memory-mapped inputs are read lazily: host memory holds one fp32 tensor at a time)."""
     for name, value in tensors.items():
-        if _is_scale_of_weight(name, tensors):
+        if is_scale_of_weight(name, tensors):
             continue
-        scale = None
-        if name.endswith(".weight"):
-            stem = name[:-len(".weight")]
-            for key in (stem + ".scale", name + "_scale_inv", stem + ".weight_scale_inv"):
-                if key in tensors:
-                    scale = np.asarray(tensors[key])
+        key = scale_name(name, tensors)
+        scale = None if key is None else np.asarray(tensors[key])
         yield name, dequantize(np.asarray(value), scale)
+
+
+def scale_name(name: str, names: Container[str]) -> str | None:
+    """The scale tensor beside weight `name` (`.scale`, `_scale_inv`), if any."""
+    if not name.endswith(".weight"):
+        return None
+    stem = name[:-len(".weight")]
+    found = None
+    for key in (stem + ".scale", name + "_scale_inv", stem + ".weight_scale_inv"):
+        if key in names:
+            found = key
+    return found
 
 
 # ----------------------------------------------------------------------------- import
@@ -358,8 +366,13 @@ def load(directory: str | pathlib.Path, **config_overrides: Any) -> tuple[V4Conf
     tensors: dict[str, np.ndarray] = {}
     for file in sorted(directory.glob("*.safetensors")):
         tensors.update(read_safetensors(file))
-    has_mtp = any(canonical_name(k).startswith("mtp.") for k in tensors)
-    if not has_mtp:
-        hf = {**hf, "num_nextn_predict_layers": 0}
-    cfg = v4_config_from_hf(hf, **config_overrides)
+    cfg = config_of(hf, tensors, **config_overrides)
     return cfg, import_tensors(tensors, cfg)
+
+
+def config_of(hf: dict[str, Any], names: Iterable[str], **config_overrides: Any) -> V4Config:
+    """The V4Config of config.json `hf` for a checkpoint holding tensors `names` (no MTP
+    block in the names: MTP depth 0)."""
+    if not any(canonical_name(k).startswith("mtp.") for k in names):
+        hf = {**hf, "num_nextn_predict_layers": 0}
+    return v4_config_from_hf(hf, **config_overrides)

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from moejax.interop.hf_v4_config import hf_from_v4
+from moejax.interop.host_view import host_views
 from moejax.interop.safetensors_io import ShardedWriter
 from moejax.model.v4.model import layer_location
 from moejax.config.v4 import V4Config, v4_config
@@ -148,18 +149,19 @@ def _layer(cfg: V4Config, tree: Any, layer: int) -> Any:
         return None
     if rep is not None:
         node = jax.tree.map(lambda a: a[rep], node)
-    return jax.device_get(node)
+    return node
 
 
 def export_tensors(cfg: V4Config, variables: dict[str, Any]
                    ) -> Iterator[tuple[str, np.ndarray]]:
     """Every (save_pretrained name, array) of `variables`, one layer at a time."""
+    variables = host_views(variables)  # copied to the host tensor by tensor
     params = variables["params"]
     biases = variables.get("moe_bias", {})
     tables = variables.get("hash_routing", {}).get("layers", {})
     for path, name, inverse in TOP_EXPORT[:4]:
-        yield name, inverse(np.asarray(jax.device_get(_get(params, path))))
-    bias_rows = np.asarray(jax.device_get(biases["bias"])) if "bias" in biases else None
+        yield name, inverse(np.asarray(_get(params, path)))
+    bias_rows = np.asarray(biases["bias"]) if "bias" in biases else None
     for layer in range(cfg.num_layers):
         hashed = cfg.is_hash(layer)
         table = _get(_layer(cfg, tables, layer), ("moe", "router", "tid2eid")) if hashed else None
@@ -170,28 +172,30 @@ def export_tensors(cfg: V4Config, variables: dict[str, Any]
         for suffix, value in block_tensors(_layer(cfg, params["layers"], layer), bias, table):
             yield f"model.layers.{layer}.{suffix}", value
     for path, name, inverse in TOP_EXPORT[4:]:
-        yield name, inverse(np.asarray(jax.device_get(_get(params, path))))
+        yield name, inverse(np.asarray(_get(params, path)))
     if cfg.mtp.depth:
-        mtp = jax.device_get(params["mtp"])
+        mtp = params["mtp"]
         for path, name, inverse in MTP_EXPORT:
             yield name, inverse(np.asarray(_get(mtp, path)))
         mtp_bias = biases.get("mtp_bias")
-        mtp_bias = None if mtp_bias is None else np.asarray(jax.device_get(mtp_bias))[0]
+        mtp_bias = None if mtp_bias is None else np.asarray(mtp_bias)[0]
         for suffix, value in block_tensors(mtp["block"], mtp_bias, None):
             yield f"mtp.0.{suffix}", value
 
 
 def save(config: Any, variables: dict[str, Any], out_dir: str | pathlib.Path,
-         dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> None:
+         dtype: str | None = None, max_shard_bytes: int = 4 << 30, write: bool = True) -> None:
     """Writes `variables` of `TransformerV4(cfg)` as a HF `deepseek_v4` folder.
 
     `config`: a V4Config, or a ConfigDict / Config whose `model` section is one. `dtype`
     converts the weights (e.g. "bfloat16"); fp32-kept tensors stay fp32 (module docstring).
+    Sharded / multi-process jax.Arrays are copied to the host one tensor at a time; with
+    several processes every process calls `save` and only the one with `write` writes.
     """
     cfg = config if isinstance(config, V4Config) else v4_config(config.model)
     hf = hf_from_v4(cfg, dtype or cfg.param_dtype)
     target = None if dtype is None else np.dtype(jax.numpy.dtype(dtype))
-    writer = ShardedWriter(out_dir, max_shard_bytes)
+    writer = ShardedWriter(out_dir, max_shard_bytes, enabled=write)
     for name, value in export_tensors(cfg, variables):
         if value.dtype.kind == "f":
             keep32 = name.endswith(_FP32_SUFFIXES)
@@ -199,4 +203,5 @@ def save(config: Any, variables: dict[str, Any], out_dir: str | pathlib.Path,
             value = value.astype(want) if want is not None and value.dtype != want else value
         writer.add(name, value)
     writer.close()
-    (pathlib.Path(out_dir) / "config.json").write_text(json.dumps(hf, indent=2))
+    if write:
+        (pathlib.Path(out_dir) / "config.json").write_text(json.dumps(hf, indent=2))

@@ -87,6 +87,13 @@ class CheckpointReader:
         header, base = self._headers[path]
         return header[name], base
 
+    def locate(self, name: str) -> tuple[pathlib.Path, str, list[int], int]:
+        """(file, safetensors dtype name, shape, absolute byte offset of the data)."""
+        if name not in self.files:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint {self.directory}.")
+        info, base = self._info(name)
+        return self.files[name], info["dtype"], info["shape"], base + info["data_offsets"][0]
+
     def read(self, name: str) -> np.ndarray:
         """The tensor as stored (FP8 as ml_dtypes arrays)."""
         if name not in self.files:
@@ -118,9 +125,12 @@ class CheckpointReader:
 class ShardedWriter:
     """Writes named arrays into safetensors shards of at most `max_shard_bytes` each."""
 
-    def __init__(self, directory: str | pathlib.Path, max_shard_bytes: int = 4 << 30) -> None:
+    def __init__(self, directory: str | pathlib.Path, max_shard_bytes: int = 4 << 30,
+                 enabled: bool = True) -> None:
         self.directory = pathlib.Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled  # False: takes the tensors, writes nothing (other processes)
+        if enabled:
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, np.ndarray] = {}
         self._pending_bytes = 0
@@ -128,6 +138,8 @@ class ShardedWriter:
         self.total_bytes = 0
 
     def add(self, name: str, array: np.ndarray) -> None:
+        if not self.enabled:
+            return
         array = np.ascontiguousarray(array)
         if self._pending and self._pending_bytes + array.nbytes > self.max_shard_bytes:
             self._flush()
@@ -143,6 +155,8 @@ class ShardedWriter:
 
     def close(self) -> list[pathlib.Path]:
         """Writes the last shard, names the files as HF does, writes the index if sharded."""
+        if not self.enabled:
+            return []
         if self._pending or not self._shards:
             self._flush()
         n = len(self._shards)
