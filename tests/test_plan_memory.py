@@ -46,6 +46,7 @@ def test_activations_order_by_remat_policy_and_grow_with_rows():
     assert activation_bytes(cfg, setup, "full", 2) == pytest.approx(2 * one["full"], rel=0.02)
 
 
+@pytest.mark.slow  # the CLI traces every remat policy; memory_plan's parts are tested above
 def test_plan_cli_adds_memory_with_a_mesh_and_a_chip(capsys):
     assert main(["--config", TINY, "--mesh", "fsdp=4", "--chip", "v5p", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
