@@ -113,6 +113,7 @@ def format_memory(m: dict[str, Any]) -> str:
              f"  other state       {gib(m['other_state_bytes'])}",
              f"  gradients (fp32)  {gib(m['gradient_bytes'])}",
              f"  layer working set {gib(m['layer_working_bytes'])}",
+             f"  layer backward    {gib(m['layer_backward_bytes'])}",
              "  activations by remat policy:"]
     for policy, size in m["activation_bytes"].items():
         mark = "  <- model.remat_policy" if policy == m["remat_policy"] else ""

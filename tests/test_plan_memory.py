@@ -55,6 +55,7 @@ def test_plan_cli_adds_memory_with_a_mesh_and_a_chip(capsys):
     assert memory["devices"] == 4 and memory["fits"]
     assert memory["total_bytes"] == (memory["state_bytes"] + memory["gradient_bytes"]
                                      + memory["layer_working_bytes"]
+                                     + memory["layer_backward_bytes"]
                                      + memory["activation_bytes"][memory["remat_policy"]])
     assert 0 < memory["layer_working_bytes"] < memory["state_bytes"]
     assert memory["max_batch_size"] >= load_config_file(TINY).train.batch_size
