@@ -41,7 +41,7 @@ import ml_collections
 from moejax.config import MESH_AXES, load_config, resolve
 from moejax.hlo_stats import collective_stats
 from moejax.plan import plan
-from moejax.sharding import make_mesh, mesh_shape, use_mesh
+from moejax.sharding import ici_device_grid, make_mesh, mesh_shape, use_mesh
 from moejax.topology import (
     GIB,
     Topology,
@@ -99,12 +99,10 @@ def _ordered_devices(mesh_cfg: Any, devices: list[Any]) -> list[Any]:
     """One slice: the devices in ICI-topology-aware mesh order (`create_device_mesh`),
     flattened, so that `make_mesh`'s reshape gives that grid. Several slices: as given
     (make_mesh builds the hybrid ICI x DCN mesh from their slice indices)."""
-    from jax.experimental import mesh_utils  # noqa: PLC0415
     if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
         return devices
     sizes = mesh_shape(mesh_cfg, len(devices))
-    return list(mesh_utils.create_device_mesh(tuple(sizes[a] for a in MESH_AXES),
-                                              devices).flat)
+    return list(ici_device_grid(tuple(sizes[a] for a in MESH_AXES), devices).flat)
 
 
 def abstract_batch(cfg: Any, mesh: Any) -> dict[str, Any]:

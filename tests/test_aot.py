@@ -212,3 +212,14 @@ def test_tiny_compiles_for_two_slices_of_v5p_8():
     result, planned = _compile_and_plan(config, num_slices=2)
     _check(result, planned, chips=8)
 
+
+def test_a_mesh_axis_that_splits_a_physical_axis_still_gets_a_grid(caplog):
+    """expert 32 x fsdp 32 on v5p-2048 (8 x 8 x 16 chips): no product of whole sides gives
+    32, so the grid splits one (with a warning) instead of failing."""
+    pytest.importorskip("libtpu")
+    from moejax.sharding import ici_device_grid
+    from moejax.topology import parse_topology, topology_devices
+    devices = topology_devices(parse_topology("v5p-2048"))
+    grid = ici_device_grid((1, 32, 32, 1), devices)
+    assert grid.shape == (1, 32, 32, 1) and len({d.id for d in grid.flat}) == 1024
+    assert "allow_split_physical_axes" in caplog.text
