@@ -47,6 +47,7 @@ def _model(size: str) -> ml_collections.ConfigDict:
     a.o_groups = {"flash": 8, "pro": 16}.get(size, 2)  # g output-projection groups
     a.o_lora_rank = 1024 if (flash or pro) else 16  # r per-group output rank
     a.sliding_window = 128 if (flash or pro) else 16  # W
+    a.query_tile = 1024 if (flash or pro) else 0  # attention in 1024-query tiles (memory)
     ratios = {"flash": FLASH_RATIOS, "pro": PRO_RATIOS}.get(size)
     a.layer_types = (tuple(RATIO_TO_TYPE[r] for r in ratios[:m.num_layers]) if ratios
                      else ("sliding", "csa", "hca", "csa"))  # per layer: sliding|csa|hca
@@ -105,10 +106,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         cfg.train.seq_len = 4096
         cfg.train.batch_size = 512  # 2 sequences per chip
         cfg.train.loss_chunk = 512  # cross-entropy over 512-position tiles (no [B, L, V])
-    if size == "pro":  # v5p-2048 (1024 chips): mesh fsdp 128 x expert 8, 8.4M tokens/step
-        # Does not fit yet (2026-12-06): 17.5 GiB state + 84.6 GiB temporaries per chip
-        # (13.3 GiB offloaded to host) against 95.7 GiB of HBM; see the commit log.
-        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert = 1, -1, 8
+    if size == "pro":  # v5p-2048 (1024 chips): mesh fsdp 16 x expert 64, 8.4M tokens/step
+        # expert 64: 6 of the 384 experts per chip, so a layer's gathered expert weights
+        # are 6 experts' (fsdp 128 x expert 8 gathered 48: 2 GiB per matrix per layer)
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert = 1, -1, 64
         cfg.model.remat_policy = "offload"  # layer inputs (the 4 streams) to host memory
         cfg.train.seq_len = 4096
         cfg.train.batch_size = 2048  # 2 sequences per chip

@@ -8,8 +8,9 @@ Needs libtpu (`pip install -e ".[tpu]"`); runs on a CPU-only machine (JAX_PLATFO
 is set unless JAX_PLATFORMS says otherwise). The topology is a product name (v4-N and v5p-N
 count TensorCores, two a chip; v5e-N and v6e-N count chips) or a chip grid ('v5p:8x8x4'),
 see moejax.topology. The step is the one train.py runs: `make_mesh` over the topology's
-devices, `make_setup`, `make_train_step`, lowered with abstract arguments (the state's
-`ShapeDtypeStruct`s with their shardings, a batch with the batch sharding, the seed key)
+devices, `make_setup`, `make_guarded_step` (the train step inside the non-finite guard),
+lowered with abstract arguments (the state's `ShapeDtypeStruct`s with their shardings,
+the guard's scalars, a batch with the batch sharding, the seed key)
 and compiled by XLA:TPU. Nothing is allocated.
 
 Reported per chip, from `compiled.memory_analysis()`: arguments (the train state and the
@@ -40,7 +41,7 @@ import ml_collections
 from moejax.config import MESH_AXES, load_config, resolve
 from moejax.hlo_stats import collective_stats
 from moejax.plan import plan
-from moejax.sharding import make_mesh, mesh_shape, use_mesh
+from moejax.sharding import ici_device_grid, make_mesh, mesh_shape, use_mesh
 from moejax.topology import (
     GIB,
     Topology,
@@ -49,7 +50,8 @@ from moejax.topology import (
     parse_topology,
     topology_devices,
 )
-from moejax.train import batch_sharding, make_setup, make_train_step
+from moejax.train import batch_sharding, make_setup
+from moejax.train.guard import init_guard, make_guarded_step
 from moejax.train.state import abstract_key
 
 JSON_KEYS = ("config", "topology", "num_slices", "chips", "mesh", "tokens_per_step",
@@ -97,12 +99,10 @@ def _ordered_devices(mesh_cfg: Any, devices: list[Any]) -> list[Any]:
     """One slice: the devices in ICI-topology-aware mesh order (`create_device_mesh`),
     flattened, so that `make_mesh`'s reshape gives that grid. Several slices: as given
     (make_mesh builds the hybrid ICI x DCN mesh from their slice indices)."""
-    from jax.experimental import mesh_utils  # noqa: PLC0415
     if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
         return devices
     sizes = mesh_shape(mesh_cfg, len(devices))
-    return list(mesh_utils.create_device_mesh(tuple(sizes[a] for a in MESH_AXES),
-                                              devices).flat)
+    return list(ici_device_grid(tuple(sizes[a] for a in MESH_AXES), devices).flat)
 
 
 def abstract_batch(cfg: Any, mesh: Any) -> dict[str, Any]:
@@ -168,11 +168,14 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str | Topolo
     start = time.perf_counter()
     with use_mesh(mesh):
         setup = make_setup(cfg, mesh)
-        step = make_train_step(setup, cfg)
+        step = make_guarded_step(setup, cfg)  # train.py's step: the non-finite guard around it
+        replicated = NamedSharding(mesh, PartitionSpec())
         key = abstract_key()
-        key = jax.ShapeDtypeStruct(key.shape, key.dtype,
-                                   sharding=NamedSharding(mesh, PartitionSpec()))
-        lowered = step.lower(setup.abstract, abstract_batch(cfg, mesh), key)
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+        guard = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                            sharding=replicated),
+                             init_guard(cfg))
+        lowered = step.lower(setup.abstract, guard, abstract_batch(cfg, mesh), key)
         # a compile-only executable cannot be stored in or read from the persistent cache
         cache = jax.config.jax_enable_compilation_cache
         jax.config.update("jax_enable_compilation_cache", False)

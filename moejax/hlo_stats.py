@@ -16,7 +16,10 @@ its caller runs it:
 
 Bytes of one collective, per device (the buffer it moves or produces): all-gather,
 all-reduce, all-to-all, ragged-all-to-all, collective-permute and collective-broadcast:
-their result; reduce-scatter: its operand (the unreduced buffer). An async pair
+their result; reduce-scatter: its operand (the unreduced buffer). XLA:TPU writes a
+reduce-scatter as an `all-reduce` whose only use is its computation's ROOT `dynamic-slice`
+(a computation named `all-reduce-scatter...`, run as one reduce-scatter); such an
+all-reduce counts as a reduce-scatter of its operand. An async pair
 (`all-gather-start` / `all-gather-done`) counts once, at its `-done`, whose result is the
 collective's output; an `async-start` wrapper's called computation holds the collective.
 """
@@ -189,6 +192,18 @@ def _kind(opcode: str) -> str | None:
     return base if base in KINDS else None
 
 
+def _sliced_all_reduces(body: list[Instruction]) -> set[str]:
+    """The all-reduces of a computation whose ROOT is a dynamic-slice of them and that
+    have no other use: XLA:TPU's reduce-scatter (see the module docstring)."""
+    root = next((i for i in body if i.is_root), None)
+    if root is None or root.opcode != "dynamic-slice" or not root.operands:
+        return set()
+    source = root.operands[0]
+    uses = sum(source in i.operands for i in body)
+    return {i.name for i in body if i.name == source and i.opcode == "all-reduce"
+            and uses == 1}
+
+
 def collective_stats(text: str) -> CollectiveStats:
     """Collectives per step of an optimized HLO module, loop bodies times their trip counts."""
     computations, entry = parse_module(text)
@@ -204,8 +219,11 @@ def collective_stats(text: str) -> CollectiveStats:
             total[0] += count
             total[1] += size
 
+        scattered = _sliced_all_reduces(computations.get(name, []))
         for instruction in computations.get(name, []):
             kind = _kind(instruction.opcode)
+            if kind == "all-reduce" and instruction.name in scattered:
+                kind = "reduce-scatter"
             if kind is not None:
                 if kind == "reduce-scatter":
                     size = sum(shape_bytes(by_name[o].shape) for o in instruction.operands

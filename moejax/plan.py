@@ -4,6 +4,8 @@
     python -m moejax.plan --config configs/tiny.py
     python -m moejax.plan --config configs/deepseek_v4.py:flash --mesh fsdp=32,expert=8 \
         --chip v5p [--json] [--config.train.batch_size=256 ...]
+    python -m moejax.plan --config configs/deepseek_v4.py:flash --tokens 1e12 --chips 256 \
+        --chip v5p --mfu 0.3,0.4 [--json]
 
 The model is built with `jax.eval_shape(model.init, ...)` (shapes only), so a 1.6T-parameter
 model plans on a laptop. The model section's architecture (`moejax.model.build`) does the
@@ -34,6 +36,9 @@ With `--mesh` (axis=size pairs; axes not named are 1) the output adds `memory`
 activations per remat policy, from the sharded abstract train state; with `--chip` (v4,
 v5e, v5p, v6e) TPU layout padding, the chip's HBM, whether it fits and the largest
 `train.batch_size` that does.
+
+With `--tokens`, `--chips`, `--chip` and `--mfu` it adds `cost` (moejax.plan_cost):
+training FLOPs, days and chip-hours for that many tokens at each assumed MFU.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from typing import Any
 
 from moejax.config import apply_overrides, load_config_file
 from moejax.model.build import architecture_of
+from moejax.plan_cost import cost_plan, format_cost, parse_mfus
 from moejax.plan_memory import memory_plan, parse_mesh
 
 KEYS = ("total_params", "mtp_params", "active_params", "embedding_params", "flops_per_token")
@@ -70,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object")
     parser.add_argument("--seq_len", type=int, default=None, help="default: train.seq_len")
     parser.add_argument("--mesh", default=None, help="e.g. fsdp=32,expert=8: add memory")
-    parser.add_argument("--chip", default=None, help="v4, v5e, v5p or v6e (with --mesh)")
+    parser.add_argument("--chip", default=None,
+                        help="v4, v5e, v5p or v6e (with --mesh); also h100, h200 for the cost")
+    parser.add_argument("--tokens", type=float, default=None, help="training tokens: add cost")
+    parser.add_argument("--chips", type=int, default=None, help="chips of the run (cost)")
+    parser.add_argument("--mfu", default=None, help="assumed MFU(s) for the cost, e.g. 0.3,0.4")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not a.startswith("--config.") or "=" not in a]
     if bad:
@@ -83,7 +93,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = plan(config, args.seq_len)
     out: dict[str, Any] = {k: result[k] for k in KEYS}
-    if args.mesh is not None or args.chip is not None:
+    if args.tokens is not None or args.mfu is not None:
+        missing = [f for f in ("tokens", "chips", "chip", "mfu") if getattr(args, f) is None]
+        try:
+            if missing:
+                raise ValueError(f"the cost needs --tokens, --chips, --chip and --mfu; "
+                                 f"missing {', '.join('--' + f for f in missing)}.")
+            out["cost"] = cost_plan(result["flops_per_token"], args.tokens, args.chips,
+                                    args.chip, parse_mfus(args.mfu))
+        except ValueError as err:
+            print(f"moejax.plan: {err}", file=sys.stderr)
+            return 2
+    if args.mesh is not None or (args.chip is not None and "cost" not in out):
         if args.seq_len is not None:
             config.train.seq_len = args.seq_len
         try:
@@ -98,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:18s} {result[key]:>22,.0f}  ({_human(result[key])})")
     if "memory" in out:
         print(format_memory(out["memory"]))
+    if "cost" in out:
+        print(format_cost(out["cost"]))
     return 0
 
 
@@ -113,6 +136,7 @@ def format_memory(m: dict[str, Any]) -> str:
              f"  other state       {gib(m['other_state_bytes'])}",
              f"  gradients (fp32)  {gib(m['gradient_bytes'])}",
              f"  layer working set {gib(m['layer_working_bytes'])}",
+             f"  layer backward    {gib(m['layer_backward_bytes'])}",
              "  activations by remat policy:"]
     for policy, size in m["activation_bytes"].items():
         mark = "  <- model.remat_policy" if policy == m["remat_policy"] else ""

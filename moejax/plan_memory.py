@@ -12,7 +12,8 @@
   pads least (what XLA picks for entry parameters; it reproduced the compiled argument size
   of configs/tiny.py, whose 32-wide dims pad 1.7x, to the byte). This is the figure
   `moejax.aot` reports as arguments, less the batch.
-* **Gradients**: one fp32 gradient per parameter shard (the step casts them to fp32).
+* **Gradients**: one fp32 gradient per parameter shard (the step casts them to fp32), and
+  a second one, the accumulator, when `train.micro_batches` > 1.
 * **Activations per remat policy**: the residuals the backward pass keeps, read from the
   real loss (`jax.vjp` of the train step's micro-batch loss, traced at this device's rows
   of a micro-batch; the parameters and the batch themselves are not counted). Under
@@ -26,16 +27,21 @@
   which is counted at the parameters' per-device share.
 * **Layer working set**: the largest layer's weights gathered over fsdp (compute dtype)
   and their whole fp32 gradient before it is reduce-scattered (`layer_working_bytes`).
+* **Layer backward**: the backward of one layer holds what that layer's forward left
+  (policy "none"'s residuals of one layer: the ones `model.remat_policy` did not keep are
+  recomputed) and their cotangents, about as large again: with L layers (MTP blocks
+  included), (none - policy) / L + none / L (`layer_backward_bytes`). For DeepSeek-V4 it
+  is mostly attention scores in fp32 ([rows, H, L, entries], several per layer), for V3
+  the MoE dispatch buffers.
 * **Largest batch**: activations grow linearly with rows, so the largest global
   `train.batch_size` (at the config's micro_batches) with state + gradients + activations
   within the chip's HBM.
 
-Where it misses (against `moejax.aot`): XLA's temporaries also hold what the backward of
-one layer rematerialises, dispatch / collective buffers, gathered weights prefetched for
-the next layer (the working set counts one layer) and fusion scratch;
-XLA may also keep less than the jaxpr's residuals (it can recompute cheap ones) or more
-(layout copies). Expect temporaries above the activation figure by roughly one layer's
-working set; state agrees within a few per cent.
+Where it misses (against `moejax.aot`, docs/pod-scale.md has the numbers): XLA's
+temporaries also hold collective buffers, gathered weights prefetched for the next layer
+(the working set counts one layer), layout copies and fusion scratch, and XLA may keep
+less than the jaxpr's residuals (it recomputes cheap ones). Host offload is not modelled:
+"offload" counts as "full". The state agrees within a few per cent.
 """
 from __future__ import annotations
 
@@ -212,6 +218,12 @@ def layer_working_bytes(cfg: Any, setup: Any) -> int:
     return int(max(units.values(), default=0.0) * (compute + 4))
 
 
+def layer_backward_bytes(activations: dict[str, int], policy: str, layers: int) -> int:
+    """One layer's backward: its recomputed residuals and their cotangents (module doc)."""
+    none = activations["none"]
+    return int((max(none - activations[policy], 0) + none) / max(layers, 1))
+
+
 def memory_plan(config: Any, sizes: dict[str, int], chip: str | None = None) -> dict[str, Any]:
     """Per-device memory of `config` (ConfigDict) on a mesh of `sizes`; see the module doc."""
     if chip is not None and chip not in USABLE_HBM_BYTES:
@@ -226,21 +238,25 @@ def memory_plan(config: Any, sizes: dict[str, int], chip: str | None = None) -> 
     activations = {p: int(per_row * rows + weights * weight_share)
                    for p, (per_row, weights) in lines.items()}
     layer = layer_working_bytes(cfg, setup)
-    fixed = (state["params"] + state["optimizer"] + state["other_state"] + state["gradients"]
-             + layer)
     policy = cfg.model.remat_policy
+    gradients = state["gradients"] * (2 if cfg.train.micro_batches > 1 else 1)
+    layers = cfg.model.num_layers + mtp_depth(cfg)
+    backward = layer_backward_bytes(activations, policy, layers)
+    fixed = state["params"] + state["optimizer"] + state["other_state"] + gradients + layer
     out: dict[str, Any] = {
         "devices": math.prod(sizes.values()), "mesh": sizes, "chip": chip,
         "rows_per_device": micro_rows / shards, "params_bytes": state["params"],
         "optimizer_bytes": state["optimizer"], "other_state_bytes": state["other_state"],
         "state_bytes": state["params"] + state["optimizer"] + state["other_state"],
-        "gradient_bytes": state["gradients"], "layer_working_bytes": layer,
+        "gradient_bytes": gradients, "layer_working_bytes": layer,
+        "layer_backward_bytes": backward,
         "activation_bytes": activations,
-        "remat_policy": policy, "total_bytes": fixed + activations[policy],
+        "remat_policy": policy, "total_bytes": fixed + backward + activations[policy],
     }
     if chip is not None:
         hbm = USABLE_HBM_BYTES[chip]
-        per_row = lines[policy][0]
+        # activations and the layer backward both grow linearly with the rows
+        per_row = lines[policy][0] + (2 * lines["none"][0] - lines[policy][0]) / layers
         fit_rows = max(int((hbm - fixed) // per_row), 0) if per_row else 0
         out.update(hbm_bytes=hbm, fits=out["total_bytes"] <= hbm,
                    max_batch_size=fit_rows * shards * cfg.train.micro_batches)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import math
 from typing import Any, Callable, Iterator, Sequence
 
@@ -145,10 +146,27 @@ def device_grid(cfg: MeshConfig, devices: Sequence[Any], topology_aware: bool = 
                                                     devices)
     if topology_aware and len(devices) > 1:
         try:
-            return mesh_utils.create_device_mesh(ici_shape, devices)
+            return ici_device_grid(ici_shape, devices)
         except Exception:  # noqa: BLE001 - fake CPU devices have no topology
             pass
     return np.asarray(devices).reshape(ici_shape)
+
+
+def ici_device_grid(shape: tuple[int, ...], devices: Sequence[Any]) -> np.ndarray:
+    """`create_device_mesh`'s ICI-topology-aware grid of one slice. A mesh axis that no
+    product of the chip grid's sides gives (expert 32 on v5p-2048's 8 x 8 x 16) splits a
+    physical axis (`allow_split_physical_axes`), with a warning: such an axis's neighbours
+    are not all one ICI hop apart."""
+    try:
+        return mesh_utils.create_device_mesh(shape, devices)
+    except Exception as err:  # noqa: BLE001 - mesh_utils raises several kinds
+        if "allow_split_physical_axes" not in str(err):
+            raise
+    logging.getLogger(__name__).warning(
+        "mesh %s does not map onto whole axes of the chip grid; splitting physical axes "
+        "(allow_split_physical_axes): collectives over a split axis take more ICI hops.",
+        dict(zip(MESH_AXES, shape)))
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
 
 
 def make_mesh(cfg: MeshConfig | Config | Any, devices: Sequence[Any] | None = None) -> Mesh:

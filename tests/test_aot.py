@@ -114,6 +114,38 @@ def test_collective_counter_multiplies_loop_bodies_by_their_trip_counts():
     assert stats.unknown_trip_counts == 0
 
 
+REDUCE_SCATTER_AS_ALL_REDUCE = """HloModule m
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%all-reduce-scatter.1 (input: f32[4,128,256]) -> f32[4,64,256] {
+  %input = f32[4,128,256]{2,1,0:T(8,128)} parameter(0)
+  %ar = f32[4,128,256]{2,1,0:T(8,128)} all-reduce(%input), channel_id=1, replica_groups={{0,2},{1,3}}, to_apply=%add
+  %zero = u32[] constant(0)
+  %offset = u32[] constant(64)
+  ROOT %slice = f32[4,64,256]{2,1,0:T(8,128)} dynamic-slice(%ar, %zero, %offset, %zero), dynamic_slice_sizes={4,64,256}
+}
+
+ENTRY %main (g: f32[4,128,256], h: f32[8]) -> (f32[4,64,256], f32[8]) {
+  %g = f32[4,128,256]{2,1,0} parameter(0)
+  %h = f32[8]{0} parameter(1)
+  %rs = f32[4,64,256]{2,1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.1
+  %sum = f32[8]{0} all-reduce(%h), channel_id=2, to_apply=%add
+  ROOT %out = (f32[4,64,256]{2,1,0}, f32[8]{0}) tuple(%rs, %sum)
+}
+"""
+
+
+def test_xla_tpu_reduce_scatter_written_as_a_sliced_all_reduce_counts_as_one():
+    stats = collective_stats(REDUCE_SCATTER_AS_ALL_REDUCE)
+    assert stats.counts == {"reduce-scatter": 1, "all-reduce": 1}
+    assert stats.bytes == {"reduce-scatter": 4 * 128 * 256 * 4, "all-reduce": 8 * 4}
+
+
 def test_a_data_dependent_loop_counts_once_and_is_reported():
     hlo = HLO.replace('backend_config={"known_trip_count":{"n":"3"}}', "")
     stats = collective_stats(hlo)
@@ -180,3 +212,14 @@ def test_tiny_compiles_for_two_slices_of_v5p_8():
     result, planned = _compile_and_plan(config, num_slices=2)
     _check(result, planned, chips=8)
 
+
+def test_a_mesh_axis_that_splits_a_physical_axis_still_gets_a_grid(caplog):
+    """expert 32 x fsdp 32 on v5p-2048 (8 x 8 x 16 chips): no product of whole sides gives
+    32, so the grid splits one (with a warning) instead of failing."""
+    pytest.importorskip("libtpu")
+    from moejax.sharding import ici_device_grid
+    from moejax.topology import parse_topology, topology_devices
+    devices = topology_devices(parse_topology("v5p-2048"))
+    grid = ici_device_grid((1, 32, 32, 1), devices)
+    assert grid.shape == (1, 32, 32, 1) and len({d.id for d in grid.flat}) == 1024
+    assert "allow_split_physical_axes" in caplog.text

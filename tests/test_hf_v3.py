@@ -267,6 +267,7 @@ def test_export_reloads_in_transformers_with_identical_logits(tiny, tmp_path):
     assert _report("export -> from_pretrained", logits, ref) == 0.0
 
 
+@pytest.mark.slow  # a train-step compile; the import itself is checked against HF above
 def test_training_steps_from_the_imported_model_lower_the_loss(tiny):
     _, folder, ids, _ = tiny
     config, variables = hf.load(folder)

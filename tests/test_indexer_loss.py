@@ -126,7 +126,8 @@ def test_indexer_loss_coef_is_validated():
         v4_config({"attention": {"indexer_loss_coef": -1.0}})
 
 
-def test_train_step_adds_the_indexer_loss_and_moves_the_indexer():
+@pytest.mark.slow  # two V4 train-step compiles; test_indexer_loss_trains_only_the_indexer
+def test_train_step_adds_the_indexer_loss_and_moves_the_indexer():  # is the default check
     """Two V4 train steps: the indexer loss is in the loss and moves the indexer; the hash
     layer's balance-bias row stays 0 while the learned layer's moves."""
     from moejax.config import load_config, resolve

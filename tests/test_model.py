@@ -129,7 +129,9 @@ def test_aux_reports_per_layer_moe_statistics():
 # Scanned decoding is slow here: test_generate.py (greedy decoding of the scanned small
 # model equals the full forward's argmax) and test_mla.py's cached decoding (scanned V3)
 # run it by default.
-@pytest.mark.parametrize("scan", [pytest.param(True, marks=pytest.mark.slow), False])
+# Both slow: test_generate's greedy decoding runs the cache against the full forward.
+@pytest.mark.slow
+@pytest.mark.parametrize("scan", [True, False])
 def test_cached_decoding_equals_the_full_forward(scan):
     cfg = small_config("model.moe.capacity_factor=0.0", f"model.scan_layers={scan}")
     tokens = _tokens(2, 24)

@@ -46,6 +46,7 @@ def test_activations_order_by_remat_policy_and_grow_with_rows():
     assert activation_bytes(cfg, setup, "full", 2) == pytest.approx(2 * one["full"], rel=0.02)
 
 
+@pytest.mark.slow  # the CLI traces every remat policy; memory_plan's parts are tested above
 def test_plan_cli_adds_memory_with_a_mesh_and_a_chip(capsys):
     assert main(["--config", TINY, "--mesh", "fsdp=4", "--chip", "v5p", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -54,6 +55,7 @@ def test_plan_cli_adds_memory_with_a_mesh_and_a_chip(capsys):
     assert memory["devices"] == 4 and memory["fits"]
     assert memory["total_bytes"] == (memory["state_bytes"] + memory["gradient_bytes"]
                                      + memory["layer_working_bytes"]
+                                     + memory["layer_backward_bytes"]
                                      + memory["activation_bytes"][memory["remat_policy"]])
     assert 0 < memory["layer_working_bytes"] < memory["state_bytes"]
     assert memory["max_batch_size"] >= load_config_file(TINY).train.batch_size
@@ -68,3 +70,28 @@ def test_bad_mesh_is_an_error(text):
 def test_unknown_chip_is_an_error():
     with pytest.raises(ValueError, match="--chip"):
         memory_plan(load_config_file(TINY), parse_mesh("fsdp=1"), "v9")
+
+
+def test_cost_of_a_run_is_the_hand_computation():
+    """1e9 FLOPs per token x 1e12 tokens on 256 v5p chips (459e12 bf16 FLOP/s) at 30 % MFU:
+    1e21 / (256 x 459e12 x 0.3) = 28,368.0 s = 0.32833 days; 256 x 28,368.0 / 3600 =
+    2,017.28 chip-hours; 1e12 / 2,017.28 = 495,717,192 tokens per chip-hour."""
+    from moejax.plan_cost import run_cost
+    cost = run_cost(1e9, 1e12, 256, "v5p", 0.3)
+    assert cost["training_flops"] == 1e21
+    assert cost["seconds"] == pytest.approx(28368.0, rel=1e-5)
+    assert cost["days"] == pytest.approx(0.32833, rel=1e-4)
+    assert cost["chip_hours"] == pytest.approx(2017.28, rel=1e-5)
+    assert cost["tokens_per_chip_hour"] == pytest.approx(495_717_192, rel=1e-5)
+
+
+def test_plan_cli_cost_for_several_mfus_and_its_errors(capsys):
+    args = ["--config", TINY, "--tokens", "1e9", "--chips", "8", "--chip", "v5e", "--json"]
+    assert main([*args, "--mfu", "0.25,0.5"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    fast, slow = out["cost"]["runs"][1], out["cost"]["runs"][0]
+    assert out["cost"]["mfu_is_assumed"] and "memory" not in out
+    assert fast["training_flops"] == pytest.approx(out["flops_per_token"] * 1e9)
+    assert slow["seconds"] == pytest.approx(2 * fast["seconds"])
+    assert main([*args, "--mfu", "1.5"]) == 2 and "--mfu" in capsys.readouterr().err
+    assert main(args[:4] + ["--mfu", "0.3"]) == 2 and "--chips" in capsys.readouterr().err

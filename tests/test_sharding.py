@@ -13,10 +13,12 @@ from moejax.sharding import (LOGICAL_AXES, RULES, logical_names, logical_to_spec
                              param_spec)
 
 # data=8 (plain data parallelism: every train test runs on it) and fsdp=8 (fsdp is split
-# in the mixed mesh too) are slow; the default suite checks expert=4 and the mixed mesh.
+# in the mixed mesh too) and data=2 x expert=4 (the mixed mesh splits experts too) are
+# slow; the default suite checks the mixed mesh, which splits every axis.
 MESHES = [pytest.param(dict(data=8), marks=pytest.mark.slow),
           pytest.param(dict(data=1, fsdp=8), marks=pytest.mark.slow),
-          dict(data=2, expert=4), dict(data=1, fsdp=2, expert=2, tensor=2)]
+          pytest.param(dict(data=2, expert=4), marks=pytest.mark.slow),
+          dict(data=1, fsdp=2, expert=2, tensor=2)]
 
 
 def test_every_parameter_has_one_logical_name_per_dimension():

@@ -118,6 +118,8 @@ def test_config_validation_names_the_field():
         v4_config({"moe": {"score_fn": "relu"}})
     with pytest.raises(ValueError, match="model.attention.o_groups"):
         v4_config({"attention": {"o_groups": 3}})
+    with pytest.raises(ValueError, match="model.attention.query_tile"):
+        v4_config({"attention": {"query_tile": 20}})  # not a multiple of sliding_window=16
     with pytest.raises(ValueError, match="unknown field"):
         v4_config({"attention": {"window": 3}})
     assert v4_config({}) == V4Config()
@@ -610,3 +612,38 @@ def test_banded_window_attention_equals_the_dense_reference():
 
     dense, banded = both(q, kv)
     np.testing.assert_allclose(banded, dense, atol=1e-5)
+
+
+@pytest.mark.parametrize("query_tile", [0, 16, 24])  # whole, 2 blocks a tile, 3 blocks a tile
+def test_query_tiles_and_bf16_match_the_dense_reference_in_values_and_grads(query_tile):
+    """Tiled banded attention (48 queries, W = 8) against the dense fp32 reference: fp32
+    to rounding; bf16 inputs to bf16 precision (on XLA:CPU the products run in fp32; on
+    TPU/GPU they take bf16 with fp32 accumulation). The entry probabilities (the indexer's
+    target) too."""
+    from moejax.model.v4.compressed import banded_sink_attention, sink_attention, window_mask
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 48, 3, 8)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(2, 48, 8)), jnp.float32)
+    entries = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
+    entry_mask = jnp.asarray(rng.random((2, 48, 6)) < 0.5)
+    sinks = jnp.asarray(rng.normal(size=3), jnp.float32)
+    seg = jnp.asarray(np.repeat([[1, 2, 3], [1, 1, 2]], 16, axis=1), jnp.int32)
+
+    def loss(fn, dtype):
+        def f(q, kv, e):
+            out, probs = fn(q.astype(dtype), kv.astype(dtype), e.astype(dtype))
+            return jnp.sum(out.astype(jnp.float32) ** 2) + jnp.sum(probs ** 2), (out, probs)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, kv, entries)
+
+    dense = lambda q, kv, e: sink_attention(q, kv, window_mask(seg, 8), sinks, 0.3, e,  # noqa: E731
+                                            entry_mask, entry_probs=True)
+    tiled = lambda q, kv, e: banded_sink_attention(q, kv, seg, 8, sinks, 0.3, e,  # noqa: E731
+                                                   entry_mask, True, query_tile)
+    (_, (ref_out, ref_probs)), ref_grads = loss(dense, jnp.float32)
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+        (_, (out, probs)), grads = loss(tiled, dtype)
+        np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, atol=tol, rtol=tol)
+        np.testing.assert_allclose(probs, ref_probs, atol=tol, rtol=tol)
+        for got, want in zip(grads, ref_grads):
+            np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5 * tol,
+                                       rtol=5 * tol)

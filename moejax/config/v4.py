@@ -44,6 +44,7 @@ class V4AttentionConfig:
     o_groups: int = 2  # g: head groups of the grouped low-rank output projection
     o_lora_rank: int = 16  # r: per-group width of the grouped output projection
     sliding_window: int = 16  # W: keys t-W < s <= t of the sliding-window branch
+    query_tile: int = 0  # > 0: attention in tiles of this many queries (memory), 0 = whole
     layer_types: tuple[str, ...] = ("sliding", "csa", "hca", "csa")  # per layer: LAYER_TYPES
     csa_rate: int = 4  # m: tokens per CSA window (each entry covers 2m tokens, stride m)
     hca_rate: int = 8  # m': tokens per HCA window (non-overlapping)
@@ -162,6 +163,9 @@ def validate_attention(a: V4AttentionConfig, num_layers: int, p: str) -> None:
            f"needs one entry per layer (num_layers={num_layers}).")
     bad = [t for t in a.layer_types if t not in LAYER_TYPES]
     _check(not bad, f"{p}.layer_types", a.layer_types, f"entries must be in {list(LAYER_TYPES)}.")
+    _check(a.query_tile >= 0 and a.query_tile % a.sliding_window == 0,
+           f"{p}.query_tile", a.query_tile,
+           f"must be 0 (whole sequence) or a multiple of sliding_window={a.sliding_window}.")
     _check(a.yarn_factor >= 1.0, f"{p}.yarn_factor", a.yarn_factor, "must be >= 1 (1 = off).")
     _check(a.indexer_loss_coef >= 0, f"{p}.indexer_loss_coef", a.indexer_loss_coef,
            "must be >= 0 (0 = no indexer training signal).")

@@ -129,7 +129,7 @@ class V4Attention(nn.Module):
         scale = a.head_dim ** -0.5
         if length % a.sliding_window == 0 and length >= 2 * a.sliding_window:
             return banded_sink_attention(q, kv, segment_ids, a.sliding_window, sinks, scale,
-                                         entries, entry_mask, entry_probs)
+                                         entries, entry_mask, entry_probs, a.query_tile)
         return sink_attention(q, kv, window_mask(segment_ids, a.sliding_window), sinks, scale,
                               entries, entry_mask, entry_probs)
 

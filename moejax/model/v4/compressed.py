@@ -46,6 +46,7 @@ import numpy as np
 from moejax.config import RopeConfig
 from moejax.model.layers import RMSNorm, linear, normal_init
 from moejax.model.rope import inverse_frequencies
+from moejax.sharding import active_mesh
 from moejax.config.v4 import V4AttentionConfig
 
 DType = Any
@@ -248,35 +249,113 @@ def _pair_blocks(x: jax.Array, block: int) -> jax.Array:
 
 def banded_sink_attention(q: jax.Array, kv: jax.Array, segment_ids: jax.Array, window: int,
                           sinks: jax.Array, scale: float, entries: jax.Array | None = None,
-                          entry_mask: jax.Array | None = None, entry_probs: bool = False
-                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
+                          entry_mask: jax.Array | None = None, entry_probs: bool = False,
+                          query_tile: int = 0) -> jax.Array | tuple[jax.Array, jax.Array]:
     """`sink_attention` with the window mask of `window_mask`, in O(L * W) memory.
 
     Queries go in blocks of W; block n sees keys of blocks n-1 and n (2W keys), which holds
     every key of its sliding window. Needs L % W == 0.
+
+    Mixed precision: the products take q, kv and entries in q's dtype and accumulate in
+    fp32; softmax is fp32 and the probabilities meet the values in q's dtype (as flash
+    attention does). With fp32 inputs (and on XLA:CPU, see `_product_dtype`) this is
+    `sink_attention`'s arithmetic.
+
+    `query_tile` > 0 (a multiple of W): the blocks run in tiles of that many queries under
+    `jax.checkpoint`, so one tile's scores [B, H, tile, 2W + T + 1] (fp32) are live at a
+    time in the forward and the backward instead of the whole sequence's; the tile is the
+    largest multiple of W dividing L that is <= query_tile.
     """
     b, length, h, k = q.shape
     nb = length // window
-    qb = q.reshape(b, nb, window, h, k).astype(jnp.float32)
-    kb = _pair_blocks(kv, window).astype(jnp.float32)  # [B, nb, 2W, K]
+    dtype = _product_dtype(q.dtype)
+    qb = q.reshape(b, nb, window, h, k).astype(dtype)
+    kb = _pair_blocks(kv.astype(dtype), window)  # [B, nb, 2W, K]
     t = jnp.arange(length).reshape(nb, window)[:, :, None]
     s = (jnp.arange(nb)[:, None] * window - window + jnp.arange(2 * window)[None])[:, None]
     band = (s <= t) & (s > t - window) & (s >= 0)  # [nb, W, 2W]
     same = (segment_ids.reshape(b, nb, window)[..., None]
             == _pair_blocks(segment_ids, window)[:, :, None, :])
-    logits = jnp.where((band[None] & same)[:, None],
-                       jnp.einsum("BNWHK,BNSK->BHNWS", qb, kb) * scale, NEG_INF)
-    parts = [logits.reshape(b, h, length, 2 * window)]
+    mask = band[None] & same  # [B, nb, W, 2W]
     if entries is not None and entries.shape[1]:
-        parts.append(jnp.where(entry_mask[:, None], scale * jnp.einsum(
-            "BLHK,BTK->BHLT", q.astype(jnp.float32), entries.astype(jnp.float32)), NEG_INF))
-    sink = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None, None], (b, h, length, 1))
-    probs = jax.nn.softmax(jnp.concatenate(parts + [sink], axis=-1), axis=-1)
-    p_window = probs[..., :2 * window].reshape(b, h, nb, window, 2 * window)
-    out = jnp.einsum("BHNWS,BNSK->BNWHK", p_window, kb).reshape(b, length, h, k)
-    if len(parts) > 1:
-        p_entries = probs[..., 2 * window:2 * window + entries.shape[1]]
-        out = out + jnp.einsum("BHLT,BTK->BLHK", p_entries, entries.astype(jnp.float32))
-    if entry_probs:
-        return out.astype(q.dtype), _summed_entry_probs(probs, 2 * window, entries)
-    return out.astype(q.dtype)
+        entries = entries.astype(dtype)
+        entry_mask = entry_mask.reshape(b, nb, window, -1)
+    else:
+        entries = entry_mask = None
+    per_tile = _blocks_per_tile(nb, window, query_tile)
+    if per_tile == nb:
+        out, summed = _block_attention(qb, kb, mask, entry_mask, entries, sinks, scale)
+    else:
+        out, summed = _tiled_block_attention(qb, kb, mask, entry_mask, entries, sinks, scale,
+                                             per_tile)
+    out = out.reshape(b, length, h, k).astype(q.dtype)
+    if not entry_probs:
+        return out
+    if summed is None:
+        return out, jnp.zeros((b, length, 0), jnp.float32)
+    return out, summed.reshape(b, length, -1)
+
+
+def _product_dtype(dtype: Any) -> Any:
+    """The dtype the attention products take: `dtype`, except on XLA:CPU (CPU-only: it has
+    no bf16 x bf16 -> fp32 batched dot), where they run in fp32. The platform is the active
+    mesh's (a TPU topology's under `moejax.aot`), else the default backend's."""
+    devices = getattr(active_mesh(), "devices", None)
+    platform = devices.flat[0].platform if devices is not None else jax.default_backend()
+    return jnp.float32 if platform == "cpu" else dtype
+
+
+def _blocks_per_tile(blocks: int, window: int, query_tile: int) -> int:
+    """Blocks of W queries per tile: the most that divide `blocks` within query_tile."""
+    if query_tile <= 0 or query_tile >= blocks * window:
+        return blocks
+    limit = max(query_tile // window, 1)
+    return max(n for n in range(1, limit + 1) if blocks % n == 0)
+
+
+def _block_attention(qb: jax.Array, kb: jax.Array, mask: jax.Array,
+                     entry_mask: jax.Array | None, entries: jax.Array | None,
+                     sinks: jax.Array, scale: float) -> tuple[jax.Array, jax.Array | None]:
+    """Blocks of W queries: qb [B, N, W, H, K], kb [B, N, 2W, K], mask [B, N, W, 2W],
+    entries [B, T, K] seen through entry_mask [B, N, W, T] (or None) -> out [B, N, W, H, K]
+    (fp32) and the entry probabilities summed over heads [B, N, W, T] (fp32, or None)."""
+    f32 = jnp.float32
+    logits = [jnp.where(mask[:, None], scale * jnp.einsum(
+        "BNWHK,BNSK->BHNWS", qb, kb, preferred_element_type=f32), NEG_INF)]
+    if entries is not None:
+        logits.append(jnp.where(entry_mask[:, None], scale * jnp.einsum(
+            "BNWHK,BTK->BHNWT", qb, entries, preferred_element_type=f32), NEG_INF))
+    b, h, n, w, keys = logits[0].shape
+    sink = jnp.broadcast_to(sinks.astype(f32)[None, :, None, None, None], (b, h, n, w, 1))
+    probs = jax.nn.softmax(jnp.concatenate(logits + [sink], axis=-1), axis=-1)
+    out = jnp.einsum("BHNWS,BNSK->BNWHK", probs[..., :keys].astype(kb.dtype), kb,
+                     preferred_element_type=f32)
+    if entries is None:
+        return out, None
+    p_entries = probs[..., keys:keys + entries.shape[1]]
+    out = out + jnp.einsum("BHNWT,BTK->BNWHK", p_entries.astype(entries.dtype), entries,
+                           preferred_element_type=f32)
+    return out, p_entries.sum(axis=1)
+
+
+def _tiled_block_attention(qb: jax.Array, kb: jax.Array, mask: jax.Array,
+                           entry_mask: jax.Array | None, entries: jax.Array | None,
+                           sinks: jax.Array, scale: float, per_tile: int
+                           ) -> tuple[jax.Array, jax.Array | None]:
+    """`_block_attention` over tiles of `per_tile` blocks, one tile (rematerialised in the
+    backward) at a time; the blocks are independent, so the result is the same."""
+    def tiles(x: jax.Array) -> jax.Array:  # [B, N, ...] -> [N / per_tile, B, per_tile, ...]
+        return jnp.moveaxis(x.reshape(x.shape[0], -1, per_tile, *x.shape[2:]), 1, 0)
+
+    def untile(x: jax.Array) -> jax.Array:
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+    @jax.checkpoint
+    def one_tile(xs: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array | None]:
+        q_t, k_t, m_t, e_t = xs
+        return _block_attention(q_t, k_t, m_t, e_t, entries, sinks, scale)
+
+    emask = None if entry_mask is None else tiles(entry_mask)
+    out, summed = jax.lax.map(one_tile, (tiles(qb), tiles(kb), tiles(mask), emask))
+    return untile(out), None if summed is None else untile(summed)
