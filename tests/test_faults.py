@@ -99,6 +99,7 @@ def _batches(cfg, count):
             for _ in range(count)]
 
 
+@pytest.mark.slow  # its own train-step compile (skip policy, 2 micro-batches)
 def test_skip_policy_keeps_the_state_of_a_non_finite_step_and_counts_it():
     """With gradient accumulation (2 micro-batches): the diverged step leaves params,
     optimizer state and balance biases bit for bit; more skips in a row than allowed trip."""

@@ -560,7 +560,8 @@ def test_published_flash_config_json_matches_configs_deepseek_v4():
         "max_position_embeddings": 1048576}
     got = v4_config_from_hf(published)
     want = v4_config(load_config_file("configs/deepseek_v4.py:flash").model)
-    assert got.attention == want.attention
+    # query_tile is how moejax runs the attention (memory), not part of the published model
+    assert got.attention == dataclasses.replace(want.attention, query_tile=0)
     assert got.hc == want.hc and got.mtp.depth == 1
     keep = ("dispatch", "capacity_factor", "balance_loss_coef", "z_loss_coef",
             "bias_update_rate", "group_size")
