@@ -46,6 +46,7 @@ def trained(tmp_path_factory):
     return cfg, workdir
 
 
+@pytest.mark.slow  # test_faults' SIGTERM test stops at step 3 and resumes bitwise to step 6
 def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     out = train_and_evaluate(small_config(*RESUME, "train.steps=4"), straight)
