@@ -2,6 +2,7 @@
 
 Every run shares the shapes of tests/test_train.py's TRAIN (one compiled program, cached).
 """
+import contextlib
 import json
 import os
 import re
@@ -367,3 +368,50 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
     assert "SIGTERM: finishing the step in flight" in logs[1]
     assert checkpoint.latest_step(workdir) == stopped
     assert max(_records(workdir)) == stopped
+
+
+# ------------------------------------------------------------------------ read-only workdir
+
+@contextlib.contextmanager
+def _read_only(path):
+    """`path` and everything in it read-only: chmod for a user, `chattr +i` for root (whom
+    permission bits do not stop); put back afterwards."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    if shutil.which("chattr") is None or subprocess.run(
+            ["chattr", "-R", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(path)], check=True)
+
+
+def _snapshot(path):
+    return {p.relative_to(path): p.read_bytes() if p.is_file() else None
+            for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("holds", ["nothing", "checkpoints"])
+def test_a_read_only_workdir_is_an_error_naming_it_before_any_training(request, tmp_path,
+                                                                       holds):
+    """Nothing trained, nothing in it changed (train.py: exit 1 with this message)."""
+    workdir = tmp_path / "run"
+    if holds == "checkpoints":
+        shutil.copytree(request.getfixturevalue("straight")[1], workdir)
+    else:
+        workdir.mkdir()
+    before = _snapshot(workdir)
+    with _read_only(workdir), pytest.raises(ValueError, match=re.escape(
+            f"workdir {str(workdir)!r} cannot be written: ") + r".*" + re.escape(
+            f"({workdir}/") + r".*Nothing was trained"):
+        train_and_evaluate(small_config(*CONSTANT, "train.steps=8"), workdir)
+    assert _snapshot(workdir) == before

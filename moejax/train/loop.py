@@ -7,8 +7,10 @@ Order of work, so that a bad input fails before anything is written:
   2. build the mesh, the model, the optimizer and the sharded abstract state;
   3. `checkpoint.check_compatible`: a workdir holding a checkpoint of another model is an
      error (read-only look);
-  4. only now: create the workdir, write `config.json`, open the metrics writers and the
-     checkpoint manager; resume from the newest complete checkpoint or initialise;
+  4. only now: create the workdir, check that its checkpoint folder takes a file (a
+     read-only workdir is an `UnwritableWorkdir` ValueError naming the path), write
+     `config.json`, open the metrics writers and the checkpoint manager; resume from the
+     newest complete checkpoint or initialise;
   5. the step loop: host batch -> global jax.Array -> the guarded step (`guard.py`,
      jitted once, state donated); metrics of a logged step are fetched after the *next*
      step is dispatched, so the host never waits for the device just to log; a tripped
@@ -193,11 +195,31 @@ def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any,
     return state, False
 
 
+class UnwritableWorkdir(ValueError):
+    """The workdir (or its checkpoint folder) cannot be written; nothing was trained."""
+
+
 def _write_config(workdir: epath.Path, cfg: Config) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        text = json.dumps(checkpoint.config_dict(cfg), indent=2)
-        (workdir / "config.json").write_text(text + "\n", encoding="utf-8")
+    """Creates the workdir and writes config.json, after checking that the checkpoint
+    folder takes a file (a probe, removed at once), so that a read-only workdir fails
+    here, naming the path, instead of at the first save."""
+    path = workdir
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            path = checkpoint.checkpoint_dir(workdir)
+            path.mkdir(exist_ok=True)
+            path = path / f".moejax-write-test-{os.getpid()}"
+            path.write_text("ok\n")
+            path.unlink()
+            path = workdir / "config.json"
+            text = json.dumps(checkpoint.config_dict(cfg), indent=2)
+            path.write_text(text + "\n", encoding="utf-8")
+    except OSError as e:
+        raise UnwritableWorkdir(
+            f"workdir {os.fspath(workdir)!r} cannot be written: {e.strerror or e} "
+            f"({os.fspath(path)}); use a writable --workdir (or free space). Nothing was "
+            "trained, and no checkpoint in it was changed.") from e
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str | os.PathLike,
@@ -223,7 +245,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
         checkpoint.check_compatible(workdir, cfg)
         distributed.sync("moejax: workdir checked")  # before any process creates in it
         _write_config(workdir, cfg)
-        writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        try:
+            writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        except OSError as e:
+            raise UnwritableWorkdir(f"workdir {os.fspath(workdir)!r}: cannot open its "
+                                    f"metrics for writing: {e}.") from e
         manager = checkpoint.make_manager(workdir, cfg.train.keep_checkpoints)
         t = cfg.train
         rows = BatchLayout(batch_sharding(mesh, t.batch_size, t.seq_len), t.batch_size,
