@@ -16,7 +16,8 @@ Order of work, so that a bad input fails before anything is written:
      step is dispatched, so the host never waits for the device just to log; a tripped
      non-finite guard seen there (or before a save) raises `NonFiniteError`; checkpoints
      every `train.save_every` steps and at the end, each only after the guard and
-     `finite_check` passed; validation every `train.eval_every` steps; a SIGTERM /
+     `finite_check` passed (a save that fails to write raises `CheckpointWriteError`,
+     older checkpoints kept); validation every `train.eval_every` steps; a SIGTERM /
      SIGINT (`preemption.py`) saves after the step in flight and returns early;
   6. a final validation pass (and `eval_hook` if given), skipped after a preemption; the
      manager is always waited on and closed, the writers closed, whatever happens.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -144,6 +146,7 @@ class CheckedSaver:
     def __init__(self, setup: TrainSetup, cfg: Config, manager: Any, train_it: Any):
         self.cfg, self.manager, self.train_it = cfg, manager, train_it
         self.finite = finite_check(setup)
+        self.pending: int | None = None  # the step of the save being written
 
     def check(self, guard: Guard) -> None:
         """Raises NonFiniteError if `guard` (fetched) tripped."""
@@ -156,7 +159,40 @@ class CheckedSaver:
                 f"the state after step {step} holds NaN or inf although its loss and "
                 f"gradient were finite; not saved (the newest checkpoint is step "
                 f"{self.manager.latest_step()}).")
-        checkpoint.save(self.manager, step, state, self.train_it, self.cfg)
+        self.wait()
+        try:
+            checkpoint.save(self.manager, step, state, self.train_it, self.cfg)
+        except Exception as e:  # noqa: BLE001 - any failure to write is reported so
+            raise checkpoint.write_error(self.manager, step, e) from e
+        self.pending = step
+
+    def wait(self) -> None:
+        """Waits for the save in flight; raises CheckpointWriteError naming its step if
+        it failed (Orbax writes in a background thread, so that is where it fails)."""
+        step, self.pending = self.pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise checkpoint.write_error(self.manager, step, e) from e
+
+
+def _close(manager: Any, saver: CheckedSaver | None, quiet: bool) -> None:
+    """Waits for the last save and closes the manager. A failed save raises
+    CheckpointWriteError, or with `quiet` (another error is on its way) is printed."""
+    error = None
+    try:
+        if saver is not None:
+            saver.wait()
+    except checkpoint.CheckpointWriteError as e:
+        error = e
+    try:
+        checkpoint.close(manager)
+    except Exception as e:  # noqa: BLE001
+        error = error or checkpoint.write_error(manager, None, e)
+    if error is not None and not quiet:
+        raise error
+    if error is not None:
+        print(f"also: {error}", file=sys.stderr, flush=True)
 
 
 def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any,
@@ -256,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
                            t.seq_len).rows  # this process's rows of every global batch
         train_it = moedata.make_train_iterator(cfg.data, tokenizer, t.seq_len, t.batch_size,
                                                rows=rows)
-        bar = None
+        bar, saver, failed = None, None, False
         try:
             with Preemption() as preemption:
                 state = _start(setup, cfg, workdir, manager, train_it)
@@ -277,10 +313,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
             logger.write(int(state.step), final)
             _say(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
             return {**logger.latest, "step": int(state.step)}
+        except BaseException:
+            failed = True
+            raise
         finally:
             if bar is not None:
                 bar.close()
-            checkpoint.close(manager)
+            _close(manager, saver, quiet=failed)
             writer.close()
             if hasattr(train_it, "close"):
                 train_it.close()
