@@ -156,6 +156,55 @@ def test_guard_fields_are_validated_up_front(override, field):
         resolve(small_config(override))
 
 
+def _corrupt_batch(monkeypatch, number, token):
+    """The train iterator's batch `number` gets `token` (out of the vocabulary: its
+    embedding row is NaN, jnp.take's fill) in row 0, position 5."""
+    make = moedata.make_train_iterator
+
+    def make_corrupting(*args, **kwargs):
+        iterator = make(*args, **kwargs)
+        real_next, count = type(iterator).__next__, [0]
+
+        def corrupting_next(self):
+            batch, count[0] = real_next(self), count[0] + 1
+            if count[0] == number:
+                batch = {**batch, "tokens": batch["tokens"].copy()}
+                batch["tokens"][0, 5] = token
+            return batch
+        iterator.__class__ = type("Corrupting", (type(iterator),),
+                                  {"__next__": corrupting_next})
+        return iterator
+    monkeypatch.setattr(moedata, "make_train_iterator", make_corrupting)
+
+
+@pytest.mark.slow  # ~20-40 s: two 6-step runs in this process (skip compiles its own step)
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_injected_into_one_batch_stops_or_is_skipped(tmp_path, monkeypatch, policy):
+    """One corrupted token in batch 3 makes that step's loss NaN. 'stop': the run ends
+    naming step 3, checkpoints 1 and 2 (finite) kept, nothing else lost. 'skip': step 3
+    changes nothing (checkpoint 3 holds checkpoint 2's parameters, optimizer state and
+    biases), is counted, and the run goes on to step 6 with finite losses."""
+    cfg = small_config(*CONSTANT, "train.steps=6", "train.save_every=1",
+                       "train.keep_checkpoints=10", f"train.nonfinite='{policy}'")
+    _corrupt_batch(monkeypatch, 3, 384)  # model.vocab_size=384 (TRAIN)
+    if policy == "stop":
+        with pytest.raises(NonFiniteError) as error:
+            train_and_evaluate(cfg, tmp_path)
+        _assert_stopped_before_saving_non_finite(str(error.value), tmp_path, cfg)
+        assert "step 3 is not finite" in str(error.value)
+        assert _checkpoint_steps(tmp_path) == [1, 2]
+        return
+    assert train_and_evaluate(cfg, tmp_path)["step"] == 6
+    records = _records(tmp_path)
+    assert [records[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]  # a total
+    assert all(np.isfinite(records[s]["loss"]) for s in (1, 2, 4, 5, 6))
+    two, three = _load(cfg, tmp_path, 2), _load(cfg, tmp_path, 3)
+    for name in ("params", "opt_state", "moe_bias"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(three, name),
+                     getattr(two, name))
+    assert all(_all_finite(_load(cfg, tmp_path, s)) for s in _checkpoint_steps(tmp_path))
+
+
 # ---------------------------------------------------------------------- shared straight run
 
 @pytest.fixture(scope="module")
