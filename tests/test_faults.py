@@ -1,6 +1,6 @@
 """When things go wrong: the non-finite guard, preemption by SIGTERM, damaged checkpoints,
 a read-only workdir, kill -9 at any moment, a full disk during a save (README "When things
-go wrong"; bad configs and data files are in test_fault_injection.py).
+go wrong"; bad configs: test_config_fuzz.py, bad data files: test_data_faults.py).
 
 Every run shares the shapes of tests/test_train.py's TRAIN (one compiled program, cached).
 """

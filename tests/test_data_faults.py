@@ -1,95 +1,23 @@
-"""Fault injection: bad configs, malformed data, unwritable workdirs, full disks, kill -9.
-
-Default tests run in this process (config fuzz, data files, read-only workdir); the ones
-that launch train.py and kill it, or fill its disk, are `slow`, each bounded by subprocess
-timeouts. Every run shares the shapes of tests/test_train.py's TRAIN (one compiled program,
-in the persistent compile cache).
+"""Malformed data files: invalid UTF-8, 0-byte files, a document larger than the whole
+batch, bad JSONL records. Each is a ValueError naming the file, line and field, or handled
+as README "When things go wrong" says. In this process, no training.
 """
 from __future__ import annotations
 
 import json
-import pathlib
 import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from conftest import small_config
 
-from moejax.config import apply_overrides, load_config_file, resolve
+from moejax import data as moedata
+from moejax.config import resolve
+from moejax.data.sources import text_source
+from moejax.train.loop import check_inputs
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-# ----------------------------------------------------------------------------- config fuzz
-
-CONFIG_FILES = ("tiny", "deepseek_v3", "deepseek_v4")
-
-
-def _leaves(node, prefix=""):
-    for key, value in node.items():
-        if hasattr(value, "items"):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-FIELDS = sorted({(name, key, type(value)) for name in CONFIG_FILES for key, value in
-                 _leaves(load_config_file(str(ROOT / "configs" / f"{name}.py")))},
-                key=lambda f: (f[0], f[1]))
-VALUES = {
-    "none": st.none(),
-    "bool": st.booleans(),
-    "int": st.integers(-10**6, 10**6),
-    "float": st.floats(allow_nan=False, allow_infinity=False).filter(
-        lambda x: not x.is_integer()),
-    "str": st.text(max_size=8),
-    "list": st.lists(st.integers(-3, 3), max_size=3),
-    "dict": st.dictionaries(st.sampled_from("abc"), st.integers(0, 3), max_size=2),
-}
-# The value kinds a field of each type accepts; every other kind must be refused.
-ACCEPTED = {bool: {"bool"}, int: {"int"}, float: {"int", "float"}, str: {"str"},
-            tuple: {"list"}}
-
-
-def _other_kind(field_type):
-    return st.sampled_from(sorted(set(VALUES) - ACCEPTED[field_type]))
-
-
-@st.composite
-def _wrong_type_override(draw):
-    name, key, field_type = draw(st.sampled_from(FIELDS))
-    kind = draw(_other_kind(field_type))
-    return name, key, kind, draw(VALUES[kind])
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_wrong_type_override())
-def test_an_override_of_another_type_is_a_value_error_naming_the_field(case):
-    """`load_config`'s parser + `resolve`: a value of another type for any field of any
-    shipped config is refused with a ValueError naming the dotted field, never another
-    exception from deeper down."""
-    name, key, kind, value = case
-    cfg = load_config_file(str(ROOT / "configs" / f"{name}.py"))
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        apply_overrides(cfg, [f"{key}={value!r}"])
-        resolve(cfg)
-
-
-@pytest.mark.parametrize("key", ["optimizer.learning_rate", "model.rope.theta",
-                                 "model.moe.capacity_factor"])
-@pytest.mark.parametrize("text", ["1e999", "-1e999"])
-def test_a_float_field_refuses_inf(key, text):
-    """'1e999' parses to inf, which no float field means (NaN arrives as the string 'nan')."""
-    cfg = load_config_file(str(ROOT / "configs" / "tiny.py"))
-    apply_overrides(cfg, [f"{key}={text}"])
-    with pytest.raises(ValueError, match=re.escape(key) + ".*finite"):
-        resolve(cfg)
-
-
-# -------------------------------------------------------------------- malformed data files
 
 def _data_config(directory, source, *overrides):
-    from conftest import small_config
     pattern = f"{directory}/*.{'jsonl' if source == 'jsonl' else 'txt'}"
     return resolve(small_config("model.vocab_size=384", "train.batch_size=8",
                                 "train.seq_len=32", f"data.source='{source}'",
@@ -97,8 +25,6 @@ def _data_config(directory, source, *overrides):
 
 
 def _first_batches(cfg, count):
-    from moejax import data as moedata
-    from moejax.train.loop import check_inputs
     tokenizer, _ = check_inputs(cfg)
     iterator = moedata.make_train_iterator(cfg.data, tokenizer, cfg.train.seq_len,
                                            cfg.train.batch_size)
@@ -122,7 +48,6 @@ def test_invalid_utf8_in_a_text_file_is_read_with_replacement_characters(tmp_pat
         (tmp_path / f"doc{i}.txt").write_bytes(GOOD_TEXT)
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait " * 40)  # not UTF-8
     cfg = _data_config(tmp_path, "text", "data.validation_fraction=0.0")
-    from moejax.data.sources import text_source
     source = text_source(cfg.data.path, "train", 0.0)
     document = source[source.rel_paths.index("latin1.txt")]
     assert document.startswith("caf\ufffd au lait ")
