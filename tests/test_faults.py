@@ -24,6 +24,7 @@ from test_train import TRAIN, train_py_args
 import moejax
 from moejax import data as moedata
 from moejax.config import resolve
+from moejax.data.sources import JsonlSource
 from moejax.train import checkpoint, init_state, make_setup, train_and_evaluate
 from moejax.train.guard import (Guard, NonFiniteError, _is_spike, check_guard, guard_terms,
                                 init_guard, make_guarded_step)
@@ -615,3 +616,29 @@ def test_a_full_disk_during_a_save_fails_naming_the_folder_and_keeps_the_previou
     jax.tree.map(np.testing.assert_array_equal, _load(straight[0], workdir, 4), straight[3])
     assert train_and_evaluate(straight[0], workdir)["step"] == 6
     jax.tree.map(np.testing.assert_array_equal, _load(straight[0], workdir, 6), straight[4])
+
+
+@pytest.mark.slow  # ~15 s: four steps, then a resume that fails at its first batch
+def test_a_bad_jsonl_record_met_mid_run_stops_naming_it_and_keeps_the_checkpoints(tmp_path):
+    """After 4 steps (saved at 2 and 4) every train record but the first (line 1 is checked
+    at start-up; validation records are read at start-up too) is overwritten in place, as
+    many bytes long, by one whose text is a number: the resumed run restores step 4, then
+    its first batch raises the ValueError naming file:line and field; checkpoints 2 and 4
+    stay as they were."""
+    corpus = tmp_path / "corpus.jsonl"
+    lines = [json.dumps({"text": f"record {i:04d} " * 12}) for i in range(400)]
+    corpus.write_text("\n".join(lines) + "\n")
+    data = ["data.source='jsonl'", f"data.path='{corpus}'", "data.validation_fraction=0.05"]
+    workdir = tmp_path / "run"
+    train_and_evaluate(small_config(*CONSTANT, *data, "train.steps=4"), workdir)
+    held_out = JsonlSource(str(corpus), "text", "validation", 0.05).starts
+    offsets = np.cumsum([0] + [len(line) + 1 for line in lines])[:-1]
+    bad = [line if i == 0 or offsets[i] in held_out else json.dumps({"text": 7}).ljust(len(line))
+           for i, line in enumerate(lines)]
+    corpus.write_text("\n".join(bad) + "\n")
+    before = _snapshot(workdir / "checkpoints")
+    with pytest.raises(ValueError, match=re.escape(f"{corpus}:line ") + r"\d+: field "
+                       r"data.text_field='text' holds a int, expected a string"):
+        train_and_evaluate(small_config(*CONSTANT, *data, "train.steps=8"), workdir)
+    assert _checkpoint_steps(workdir) == [2, 4]
+    assert _snapshot(workdir / "checkpoints") == before
