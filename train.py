@@ -12,6 +12,8 @@ Writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/ and DIR/checkpoints/
 (config, data, an incompatible workdir) exits with status 1 and one line saying what to
 fix, before anything is written. A step whose loss or gradient is NaN/inf stops the run
 with status 1 naming the step and the terms (`train.nonfinite`, moejax/train/guard.py).
+A checkpoint that cannot be written (disk full) stops the run with status 1 naming the
+folder and the newest complete checkpoint, which is kept.
 SIGTERM / SIGINT: the step in flight is finished and saved, then status 0 with a line
 naming the step (run the same command to resume); a second signal exits at once.
 """
@@ -84,6 +86,8 @@ def main(argv: list[str]) -> None:
     except (ValueError, FileNotFoundError) as e:  # bad input: nothing was written
         sys.exit(f"train.py: {e}")
     except moejax.train.NonFiniteError as e:  # the guard: nothing non-finite was saved
+        sys.exit(f"train.py: {e}")
+    except moejax.train.CheckpointWriteError as e:  # disk full: older checkpoints kept
         sys.exit(f"train.py: {e}")
     if jax.process_index() == 0:
         print(json.dumps(final, indent=2), flush=True)

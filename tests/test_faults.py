@@ -1,7 +1,11 @@
-"""Runs that survive: the non-finite guard, preemption by SIGTERM, damaged checkpoints.
+"""When things go wrong: the non-finite guard, preemption by SIGTERM, damaged checkpoints
+and a read-only workdir (README "When things go wrong"; kill -9, a signal mid-save, a full
+disk are in test_faults_outside.py; bad configs in test_config_fuzz.py, bad data files in
+test_data_faults.py).
 
 Every run shares the shapes of tests/test_train.py's TRAIN (one compiled program, cached).
 """
+import contextlib
 import json
 import os
 import re
@@ -152,6 +156,55 @@ def test_a_loss_spike_is_recognised_only_with_a_full_window():
 def test_guard_fields_are_validated_up_front(override, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         resolve(small_config(override))
+
+
+def _corrupt_batch(monkeypatch, number, token):
+    """The train iterator's batch `number` gets `token` (out of the vocabulary: its
+    embedding row is NaN, jnp.take's fill) in row 0, position 5."""
+    make = moedata.make_train_iterator
+
+    def make_corrupting(*args, **kwargs):
+        iterator = make(*args, **kwargs)
+        real_next, count = type(iterator).__next__, [0]
+
+        def corrupting_next(self):
+            batch, count[0] = real_next(self), count[0] + 1
+            if count[0] == number:
+                batch = {**batch, "tokens": batch["tokens"].copy()}
+                batch["tokens"][0, 5] = token
+            return batch
+        iterator.__class__ = type("Corrupting", (type(iterator),),
+                                  {"__next__": corrupting_next})
+        return iterator
+    monkeypatch.setattr(moedata, "make_train_iterator", make_corrupting)
+
+
+@pytest.mark.slow  # ~20-40 s: two 6-step runs in this process (skip compiles its own step)
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_injected_into_one_batch_stops_or_is_skipped(tmp_path, monkeypatch, policy):
+    """One corrupted token in batch 3 makes that step's loss NaN. 'stop': the run ends
+    naming step 3, checkpoints 1 and 2 (finite) kept, nothing else lost. 'skip': step 3
+    changes nothing (checkpoint 3 holds checkpoint 2's parameters, optimizer state and
+    biases), is counted, and the run goes on to step 6 with finite losses."""
+    cfg = small_config(*CONSTANT, "train.steps=6", "train.save_every=1",
+                       "train.keep_checkpoints=10", f"train.nonfinite='{policy}'")
+    _corrupt_batch(monkeypatch, 3, 384)  # model.vocab_size=384 (TRAIN)
+    if policy == "stop":
+        with pytest.raises(NonFiniteError) as error:
+            train_and_evaluate(cfg, tmp_path)
+        _assert_stopped_before_saving_non_finite(str(error.value), tmp_path, cfg)
+        assert "step 3 is not finite" in str(error.value)
+        assert _checkpoint_steps(tmp_path) == [1, 2]
+        return
+    assert train_and_evaluate(cfg, tmp_path)["step"] == 6
+    records = _records(tmp_path)
+    assert [records[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]  # a total
+    assert all(np.isfinite(records[s]["loss"]) for s in (1, 2, 4, 5, 6))
+    two, three = _load(cfg, tmp_path, 2), _load(cfg, tmp_path, 3)
+    for name in ("params", "opt_state", "moe_bias"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(three, name),
+                     getattr(two, name))
+    assert all(_all_finite(_load(cfg, tmp_path, s)) for s in _checkpoint_steps(tmp_path))
 
 
 # ---------------------------------------------------------------------- shared straight run
@@ -368,3 +421,50 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
     assert "SIGTERM: finishing the step in flight" in logs[1]
     assert checkpoint.latest_step(workdir) == stopped
     assert max(_records(workdir)) == stopped
+
+
+# ------------------------------------------------------------------------ read-only workdir
+
+@contextlib.contextmanager
+def _read_only(path):
+    """`path` and everything in it read-only: chmod for a user, `chattr +i` for root (whom
+    permission bits do not stop); put back afterwards."""
+    if os.geteuid() != 0:
+        modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p, mode in modes.items():
+                p.chmod(mode)
+        return
+    if shutil.which("chattr") is None or subprocess.run(
+            ["chattr", "-R", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(path)], check=True)
+
+
+def _snapshot(path):
+    return {p.relative_to(path): p.read_bytes() if p.is_file() else None
+            for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("holds", ["nothing", "checkpoints"])
+def test_a_read_only_workdir_is_an_error_naming_it_before_any_training(request, tmp_path,
+                                                                       holds):
+    """Nothing trained, nothing in it changed (train.py: exit 1 with this message)."""
+    workdir = tmp_path / "run"
+    if holds == "checkpoints":
+        shutil.copytree(request.getfixturevalue("straight")[1], workdir)
+    else:
+        workdir.mkdir()
+    before = _snapshot(workdir)
+    with _read_only(workdir), pytest.raises(ValueError, match=re.escape(
+            f"workdir {str(workdir)!r} cannot be written: ") + r".*" + re.escape(
+            f"({workdir}/") + r".*Nothing was trained"):
+        train_and_evaluate(small_config(*CONSTANT, "train.steps=8"), workdir)
+    assert _snapshot(workdir) == before

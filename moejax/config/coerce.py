@@ -1,12 +1,13 @@
 """ConfigDict sections -> frozen dataclasses, value by value, with errors naming the field.
 
 `dataclass_from_dict(cls, section, "model")` converts each declared field to its type
-(int, float, bool, str, tuple, nested dataclass) and raises ValueError naming the path of
+(int, float (finite), bool, str, tuple, nested dataclass) and raises ValueError naming the path of
 an unknown field or a value of the wrong type; `moejax.config` validates the values after.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Sequence
 
@@ -23,18 +24,21 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return dataclass_from_dict(tp, value, path)
     origin = typing.get_origin(tp)
     if origin in (tuple, Sequence) or tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path}={value!r}: expected a list.")
         return tuple(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{path}={value!r}: expected true/false.")
         return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
-        if isinstance(value, bool) or not float(value).is_integer():
+        if not number or isinstance(value, float) and not value.is_integer():
             raise ValueError(f"{path}={value!r}: expected an integer.")
         return int(value)
     if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{path}={value!r}: expected a number.")
+        if not number or not math.isfinite(value):
+            raise ValueError(f"{path}={value!r}: expected a finite number.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

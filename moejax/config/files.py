@@ -41,6 +41,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
             raise ValueError(f"override {text!r}: no field {key}; known fields of "
                              f"{'.'.join(parents) or 'the config'}: {sorted(node.keys())}.")
         current = node[leaf]
+        if isinstance(value, bool) and current is not None and not isinstance(current, bool):
+            # ConfigDict would store True as 1.0 in a float field: refuse it here.
+            raise ValueError(f"{key}={value!r}: wrong type for this field (currently "
+                             f"{current!r}); true/false only fits a true/false field.")
         if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         try:

@@ -186,6 +186,16 @@ def _json_text(raw: bytes, text_field: str, where: str) -> str:
     return value
 
 
+def _line_number(path: str, offset: int, chunk: int = 1 << 24) -> int:
+    """1-based number of the line starting at byte `offset` of `path`."""
+    newlines, pos = 0, 0
+    with _open(path) as f:
+        while pos < offset and (buf := f.read(min(chunk, offset - pos))):
+            newlines += buf.count(b"\n")
+            pos += len(buf)
+    return newlines + 1
+
+
 class JsonlSource:
     """One document per non-blank line of JSON Lines files: the line's `text_field`.
 
@@ -253,12 +263,16 @@ class JsonlSource:
             with _open(self.files[fid]) as f:
                 f.seek(start)
                 raw = f.read(end - start)
+        else:
+            fd = self._fds.get(fid)
+            if fd is None:
+                fd = self._fds[fid] = os.open(self.files[fid], os.O_RDONLY)
+            raw = os.pread(fd, end - start, start)
+        try:
             return _json_text(raw, self.text_field, f"{self.files[fid]} (byte {start})")
-        fd = self._fds.get(fid)
-        if fd is None:
-            fd = self._fds[fid] = os.open(self.files[fid], os.O_RDONLY)
-        raw = os.pread(fd, end - start, start)
-        return _json_text(raw, self.text_field, f"{self.files[fid]} (byte {start})")
+        except ValueError as e:  # name the line: count newlines before it (errors only)
+            line = _line_number(self.files[fid], start)
+            raise ValueError(str(e).replace(f" (byte {start})", f":line {line}", 1)) from e
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

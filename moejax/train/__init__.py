@@ -9,6 +9,7 @@ Pieces for notebooks and tests::
     train_step = make_train_step(setup, cfg)   # jitted once, state donated
     state, metrics = train_step(state, batch, seed_key)
 """
+from moejax.train.checkpoint import CheckpointWriteError
 from moejax.train.guard import NonFiniteError, make_guarded_step
 from moejax.train.loop import check_inputs, train_and_evaluate
 from moejax.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
@@ -18,7 +19,8 @@ from moejax.train.loss import batch_loss, loss_metrics, target_mask, token_nll
 from moejax.train.step import batch_sharding, global_batch, make_train_step, train_step_fn
 
 __all__ = [
-    "MetricsWriter", "NonFiniteError", "TrainSetup", "TrainState", "batch_loss",
+    "CheckpointWriteError", "MetricsWriter", "NonFiniteError", "TrainSetup", "TrainState",
+    "batch_loss",
     "batch_sharding", "check_inputs", "decay_mask", "flops_per_token", "global_batch",
     "init_state", "learning_rate_schedule", "loss_metrics", "make_guarded_step",
     "make_optimizer", "make_setup", "make_train_step", "param_count", "peak_flops_per_device",

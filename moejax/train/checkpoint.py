@@ -24,6 +24,11 @@ reported with its step, path and error and renamed to `<step>.corrupt-<n>` (neve
 deleted; Orbax ignores such names). When none restores, nothing is moved and the error
 names each step: the cause is then more likely the config (e.g. another optimizer) than
 the files. All processes agree on each step's outcome before one of them renames.
+
+A save that fails (a full disk, a quota, a file-size limit) is raised as
+`CheckpointWriteError` naming the folder and the newest complete checkpoint, which is kept:
+Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it only when every
+item is written, and removes old checkpoints (`train.keep_checkpoints`) only after that.
 """
 from __future__ import annotations
 
@@ -173,6 +178,29 @@ def save(manager: ocp.CheckpointManager, step: int, state: TrainState, iterator:
         config=ocp.args.JsonSave(config_dict(cfg))), force=True)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, permissions); every complete
+    older checkpoint is kept, and the run can resume from the newest of them."""
+
+
+def write_error(manager: ocp.CheckpointManager, step: int | None, error: Exception
+                ) -> CheckpointWriteError:
+    """The CheckpointWriteError of a failed save of `step`, naming the folder, the cause
+    and the newest complete checkpoint left (Orbax leaves the failed one as
+    `<step>.orbax-checkpoint-tmp`, which no restore reads)."""
+    try:
+        manager.reload()
+        kept = [s for s in manager.all_steps() if s != step]
+    except Exception:  # noqa: BLE001 - the message must not fail in turn
+        kept = []
+    newest = (f"the newest complete checkpoint, step {max(kept)}, is kept" if kept
+              else "no complete checkpoint is left")
+    which = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+    return CheckpointWriteError(
+        f"{which} could not be written to {manager.directory} ({_short(error)}); {newest}. "
+        "Free space (or fix the folder's permissions) and run the same command to resume.")
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState,
             iterator: Any, cfg: Config | None = None) -> TrainState:
     """Restores checkpoint `step` onto `abstract_state`'s shardings; the iterator in place.
@@ -228,9 +256,13 @@ def _newest_that_restores(manager: ocp.CheckpointManager, attempt: Any,
 
 
 def _short(error: Exception) -> str:
-    """'Type: first line of the message' (Orbax / TensorStore messages run long)."""
+    """'Type: first line of the message' (Orbax / TensorStore messages run long: a longer
+    line keeps its start, the operation, and its end, the OS error)."""
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+    line = lines[0] if lines else ""
+    if len(line) > 300:
+        line = f"{line[:140]} ... {line[-150:]}"
+    return f"{type(error).__name__}: {line}"
 
 
 def restore_newest(manager: ocp.CheckpointManager, abstract_state: TrainState, iterator: Any,

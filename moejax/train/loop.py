@@ -7,14 +7,17 @@ Order of work, so that a bad input fails before anything is written:
   2. build the mesh, the model, the optimizer and the sharded abstract state;
   3. `checkpoint.check_compatible`: a workdir holding a checkpoint of another model is an
      error (read-only look);
-  4. only now: create the workdir, write `config.json`, open the metrics writers and the
-     checkpoint manager; resume from the newest complete checkpoint or initialise;
+  4. only now: create the workdir, check that its checkpoint folder takes a file (a
+     read-only workdir is an `UnwritableWorkdir` ValueError naming the path), write
+     `config.json`, open the metrics writers and the checkpoint manager; resume from the
+     newest complete checkpoint or initialise;
   5. the step loop: host batch -> global jax.Array -> the guarded step (`guard.py`,
      jitted once, state donated); metrics of a logged step are fetched after the *next*
      step is dispatched, so the host never waits for the device just to log; a tripped
      non-finite guard seen there (or before a save) raises `NonFiniteError`; checkpoints
      every `train.save_every` steps and at the end, each only after the guard and
-     `finite_check` passed; validation every `train.eval_every` steps; a SIGTERM /
+     `finite_check` passed (a save that fails to write raises `CheckpointWriteError`,
+     older checkpoints kept); validation every `train.eval_every` steps; a SIGTERM /
      SIGINT (`preemption.py`) saves after the step in flight and returns early;
   6. a final validation pass (and `eval_hook` if given), skipped after a preemption; the
      manager is always waited on and closed, the writers closed, whatever happens.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -142,6 +146,7 @@ class CheckedSaver:
     def __init__(self, setup: TrainSetup, cfg: Config, manager: Any, train_it: Any):
         self.cfg, self.manager, self.train_it = cfg, manager, train_it
         self.finite = finite_check(setup)
+        self.pending: int | None = None  # the step of the save being written
 
     def check(self, guard: Guard) -> None:
         """Raises NonFiniteError if `guard` (fetched) tripped."""
@@ -154,7 +159,40 @@ class CheckedSaver:
                 f"the state after step {step} holds NaN or inf although its loss and "
                 f"gradient were finite; not saved (the newest checkpoint is step "
                 f"{self.manager.latest_step()}).")
-        checkpoint.save(self.manager, step, state, self.train_it, self.cfg)
+        self.wait()
+        try:
+            checkpoint.save(self.manager, step, state, self.train_it, self.cfg)
+        except Exception as e:  # noqa: BLE001 - any failure to write is reported so
+            raise checkpoint.write_error(self.manager, step, e) from e
+        self.pending = step
+
+    def wait(self) -> None:
+        """Waits for the save in flight; raises CheckpointWriteError naming its step if
+        it failed (Orbax writes in a background thread, so that is where it fails)."""
+        step, self.pending = self.pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise checkpoint.write_error(self.manager, step, e) from e
+
+
+def _close(manager: Any, saver: CheckedSaver | None, quiet: bool) -> None:
+    """Waits for the last save and closes the manager. A failed save raises
+    CheckpointWriteError, or with `quiet` (another error is on its way) is printed."""
+    error = None
+    try:
+        if saver is not None:
+            saver.wait()
+    except checkpoint.CheckpointWriteError as e:
+        error = e
+    try:
+        checkpoint.close(manager)
+    except Exception as e:  # noqa: BLE001
+        error = error or checkpoint.write_error(manager, None, e)
+    if error is not None and not quiet:
+        raise error
+    if error is not None:
+        print(f"also: {error}", file=sys.stderr, flush=True)
 
 
 def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any,
@@ -193,11 +231,31 @@ def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any,
     return state, False
 
 
+class UnwritableWorkdir(ValueError):
+    """The workdir (or its checkpoint folder) cannot be written; nothing was trained."""
+
+
 def _write_config(workdir: epath.Path, cfg: Config) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        text = json.dumps(checkpoint.config_dict(cfg), indent=2)
-        (workdir / "config.json").write_text(text + "\n", encoding="utf-8")
+    """Creates the workdir and writes config.json, after checking that the checkpoint
+    folder takes a file (a probe, removed at once), so that a read-only workdir fails
+    here, naming the path, instead of at the first save."""
+    path = workdir
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            path = checkpoint.checkpoint_dir(workdir)
+            path.mkdir(exist_ok=True)
+            path = path / f".moejax-write-test-{os.getpid()}"
+            path.write_text("ok\n")
+            path.unlink()
+            path = workdir / "config.json"
+            text = json.dumps(checkpoint.config_dict(cfg), indent=2)
+            path.write_text(text + "\n", encoding="utf-8")
+    except OSError as e:
+        raise UnwritableWorkdir(
+            f"workdir {os.fspath(workdir)!r} cannot be written: {e.strerror or e} "
+            f"({os.fspath(path)}); use a writable --workdir (or free space). Nothing was "
+            "trained, and no checkpoint in it was changed.") from e
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str | os.PathLike,
@@ -223,14 +281,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
         checkpoint.check_compatible(workdir, cfg)
         distributed.sync("moejax: workdir checked")  # before any process creates in it
         _write_config(workdir, cfg)
-        writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        try:
+            writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        except OSError as e:
+            raise UnwritableWorkdir(f"workdir {os.fspath(workdir)!r}: cannot open its "
+                                    f"metrics for writing: {e}.") from e
         manager = checkpoint.make_manager(workdir, cfg.train.keep_checkpoints)
         t = cfg.train
         rows = BatchLayout(batch_sharding(mesh, t.batch_size, t.seq_len), t.batch_size,
                            t.seq_len).rows  # this process's rows of every global batch
         train_it = moedata.make_train_iterator(cfg.data, tokenizer, t.seq_len, t.batch_size,
                                                rows=rows)
-        bar = None
+        bar, saver, failed = None, None, False
         try:
             with Preemption() as preemption:
                 state = _start(setup, cfg, workdir, manager, train_it)
@@ -251,10 +313,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
             logger.write(int(state.step), final)
             _say(" ".join(f"{k}={v:.4g}" for k, v in final.items()))
             return {**logger.latest, "step": int(state.step)}
+        except BaseException:
+            failed = True
+            raise
         finally:
             if bar is not None:
                 bar.close()
-            checkpoint.close(manager)
+            _close(manager, saver, quiet=failed)
             writer.close()
             if hasattr(train_it, "close"):
                 train_it.close()
