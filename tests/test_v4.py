@@ -595,16 +595,22 @@ def test_plan_cli_json_for_a_v3_style_transformer(capsys):
     assert 0 < out["active_params"] < out["total_params"]
 
 
-def test_banded_window_attention_equals_the_dense_reference():
-    from moejax.model.v4.compressed import banded_sink_attention, sink_attention, window_mask
-    rng = np.random.default_rng(0)
+def _window_attention_inputs(seed: int) -> tuple[jax.Array, ...]:
+    """q [2, 48, 3, 8], kv [2, 48, 8], 6 entries with a random mask, sinks [3], and segment
+    ids with boundaries at block edges (W = 8) and one inside a block."""
+    rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.normal(size=(2, 48, 3, 8)), jnp.float32)
     kv = jnp.asarray(rng.normal(size=(2, 48, 8)), jnp.float32)
     entries = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
     entry_mask = jnp.asarray(rng.random((2, 48, 6)) < 0.5)
     sinks = jnp.asarray(rng.normal(size=3), jnp.float32)
     seg = jnp.asarray(np.repeat([[1, 2, 3], [1, 1, 2]], 16, axis=1), jnp.int32)
-    seg = seg.at[0, 20].set(2)  # a boundary inside a block
+    return q, kv, entries, entry_mask, sinks, seg.at[0, 20].set(2)
+
+
+def test_banded_window_attention_equals_the_dense_reference():
+    from moejax.model.v4.compressed import banded_sink_attention, sink_attention, window_mask
+    q, kv, entries, entry_mask, sinks, seg = _window_attention_inputs(0)
 
     @jax.jit
     def both(q, kv):
@@ -622,13 +628,7 @@ def test_query_tiles_and_bf16_match_the_dense_reference_in_values_and_grads(quer
     TPU/GPU they take bf16 with fp32 accumulation). The entry probabilities (the indexer's
     target) too."""
     from moejax.model.v4.compressed import banded_sink_attention, sink_attention, window_mask
-    rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.normal(size=(2, 48, 3, 8)), jnp.float32)
-    kv = jnp.asarray(rng.normal(size=(2, 48, 8)), jnp.float32)
-    entries = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
-    entry_mask = jnp.asarray(rng.random((2, 48, 6)) < 0.5)
-    sinks = jnp.asarray(rng.normal(size=3), jnp.float32)
-    seg = jnp.asarray(np.repeat([[1, 2, 3], [1, 1, 2]], 16, axis=1), jnp.int32)
+    q, kv, entries, entry_mask, sinks, seg = _window_attention_inputs(1)
 
     def loss(fn, dtype):
         def f(q, kv, e):
