@@ -95,3 +95,11 @@ def test_plan_cli_cost_for_several_mfus_and_its_errors(capsys):
     assert slow["seconds"] == pytest.approx(2 * fast["seconds"])
     assert main([*args, "--mfu", "1.5"]) == 2 and "--mfu" in capsys.readouterr().err
     assert main(args[:4] + ["--mfu", "0.3"]) == 2 and "--chips" in capsys.readouterr().err
+
+
+def test_layer_backward_is_the_recomputed_residuals_and_their_cotangents_of_one_layer():
+    """(none - policy) / L recomputed + none / L cotangents; nothing recomputed under "none"."""
+    from moejax.plan_memory import layer_backward_bytes
+    activations = {"none": 400, "full": 40}
+    assert layer_backward_bytes(activations, "full", 4) == (400 - 40) // 4 + 400 // 4
+    assert layer_backward_bytes(activations, "none", 4) == 400 // 4
