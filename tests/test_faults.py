@@ -286,6 +286,17 @@ def test_every_process_stops_after_the_same_step():
     assert answers == [False, False, False, True, True]
 
 
+def test_a_failed_save_on_any_process_stops_every_process_at_the_same_step():
+    """A background save failure is agreed like a signal (one step late when
+    synchronised), and marks the stop as a failed save (stop without saving)."""
+    for synchronise, first in ((True, 3), (False, 2)):
+        preemption = Preemption(synchronise=synchronise)
+        answers = [(preemption.stop_after_this_step(save_failed=step >= 2),
+                    preemption.save_failed) for step in range(5)]
+        assert answers == [(False, False)] * first + [(True, True)] * (5 - first)
+        assert preemption.signal is None
+
+
 @pytest.mark.slow  # ~40 s: train.py in a subprocess, then two runs in this process
 def test_sigterm_to_train_py_saves_and_the_resumed_run_is_bitwise_the_same(straight,
                                                                            tmp_path):

@@ -144,13 +144,16 @@ def test_a_signal_mid_save_then_resume_gives_the_same_run(straight, tmp_path, ho
 @pytest.mark.slow  # ~30 s: four steps in this process, then train.py
 def test_a_full_disk_during_a_save_fails_naming_the_folder_and_keeps_the_previous_one(
         straight, tmp_path):
-    """Steps 1-4 saved normally; then train.py may write no file over 32 KiB (config.json
-    and metrics fit, a checkpoint's array file does not): the save of step 6 fails, the
-    run exits 1 naming the folder and the kept step 4, which restores; a resume with
-    space completes the straight run."""
+    """Steps 1-4 saved normally; then train.py (saving every 6 steps) may write no file
+    over 32 KiB (config.json and metrics fit, a checkpoint's array file does not): the
+    save of step 6 fails in Orbax's writer thread, and the run stops within a step or two
+    of it (before step 12, when the next save would have found the failure), exits 1
+    naming the folder and the kept step 4, which restores; a resume with space completes
+    the straight run."""
     workdir, log = tmp_path / "run", tmp_path / "stderr.txt"
     train_and_evaluate(small_config(*CONSTANT, "train.steps=4"), workdir)
-    proc = _launch(workdir, log, "train.steps=8", limit_file_size=32 << 10)
+    proc = _launch(workdir, log, "train.steps=40", "train.save_every=6",
+                   limit_file_size=32 << 10)
     try:
         code = proc.wait(timeout=300)
     finally:
@@ -164,6 +167,7 @@ def test_a_full_disk_during_a_save_fails_naming_the_folder_and_keeps_the_previou
     assert message.startswith(f"train.py: the checkpoint of step 6 could not be written to "
                               f"{workdir}/checkpoints ("), message
     assert "File too large" in message and "step 4, is kept" in message, message
+    assert 6 <= max(_records(workdir)) < 12, sorted(_records(workdir))
     assert checkpoint.latest_step(workdir) == 4
     jax.tree.map(np.testing.assert_array_equal, _load(straight[0], workdir, 4), straight[3])
     assert train_and_evaluate(straight[0], workdir)["step"] == 6

@@ -17,7 +17,8 @@ Order of work, so that a bad input fails before anything is written:
      non-finite guard seen there (or before a save) raises `NonFiniteError`; checkpoints
      every `train.save_every` steps and at the end, each only after the guard and
      `finite_check` passed (a save that fails to write raises `CheckpointWriteError`,
-     older checkpoints kept); validation every `train.eval_every` steps; a SIGTERM /
+     older checkpoints kept, within a step or two of the failure, every process at the
+     same step: `preemption.py`); validation every `train.eval_every` steps; a SIGTERM /
      SIGINT (`preemption.py`) saves after the step in flight and returns early;
   6. a final validation pass (and `eval_hook` if given), skipped after a preemption; the
      manager is always waited on and closed, the writers closed, whatever happens.
@@ -147,6 +148,7 @@ class CheckedSaver:
         self.cfg, self.manager, self.train_it = cfg, manager, train_it
         self.finite = finite_check(setup)
         self.pending: int | None = None  # the step of the save being written
+        self.error: checkpoint.CheckpointWriteError | None = None  # of the pending save
 
     def check(self, guard: Guard) -> None:
         """Raises NonFiniteError if `guard` (fetched) tripped."""
@@ -166,9 +168,30 @@ class CheckedSaver:
             raise checkpoint.write_error(self.manager, step, e) from e
         self.pending = step
 
+    def failed(self) -> bool:
+        """Whether the save in flight has failed, without waiting for it (Orbax writes in
+        a background thread and reports its error once, so it is kept here)."""
+        if self.pending is not None and self.error is None:
+            try:
+                self.manager.check_for_errors()
+            except Exception as e:  # noqa: BLE001
+                self.error = checkpoint.write_error(self.manager, self.pending, e)
+        return self.error is not None
+
+    def raise_failure(self) -> None:
+        """Raises the CheckpointWriteError of the failed save (all processes agreed that
+        one failed; on a process whose own write has not failed it names the step)."""
+        error = self.error or checkpoint.CheckpointWriteError(
+            f"the checkpoint of step {self.pending} failed to write on another process; "
+            f"the newest complete one, step {self.manager.latest_step()}, is kept.")
+        self.error = self.pending = None
+        raise error
+
     def wait(self) -> None:
         """Waits for the save in flight; raises CheckpointWriteError naming its step if
         it failed (Orbax writes in a background thread, so that is where it fails)."""
+        if self.error is not None:
+            self.raise_failure()
         step, self.pending = self.pending, None
         try:
             self.manager.wait_until_finished()
@@ -211,7 +234,10 @@ def _train(setup: TrainSetup, cfg: Config, state: TrainState, train_it: Any,
         state, guard, metrics = train_step(state, guard, layout.to_global(next(train_it)),
                                            seed_key)
         done = step + 1
-        stop = preemption.stop_after_this_step()
+        stop = preemption.stop_after_this_step(save_failed=saver.failed())
+        if preemption.save_failed:  # stop now, not at the next save (see preemption.py)
+            logger.flush()
+            saver.raise_failure()
         if _should_log(done, start, cfg) or stop:
             logger.queue(done, metrics, guard)
         else:
