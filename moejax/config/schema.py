@@ -138,9 +138,9 @@ AnyModelConfig = ModelConfig | V4Config
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "builtin"  # "builtin" (Python stdlib sources), "text", "jsonl", "arrayrecord"
-    path: str = ""  # glob of input files for text / jsonl / arrayrecord
-    text_field: str = "text"  # JSON Lines field that holds the document
+    source: str = "builtin"  # "builtin" (stdlib sources), "text", "jsonl", "arrayrecord", "parquet"
+    path: str = ""  # glob of input files for text / jsonl / arrayrecord / parquet
+    text_field: str = "text"  # jsonl / arrayrecord field, or parquet column, of the text
     tokenizer: str = "byte"  # "byte" or the path of a HuggingFace tokenizer.json
     validation_fraction: float = 0.05  # share of documents held out (by hash of their name)
     shuffle_seed: int = 0  # seed of the global shuffle
@@ -288,7 +288,7 @@ MODEL_SECTIONS = {"transformer": transformer_config, "deepseek_v4": v4_config}
 
 
 def validate_data(d: DataConfig) -> None:
-    _choice("data.source", d.source, ("builtin", "text", "jsonl", "arrayrecord"))
+    _choice("data.source", d.source, ("builtin", "text", "jsonl", "arrayrecord", "parquet"))
     _check(d.source == "builtin" or bool(d.path), "data.path", d.path,
            f"data.source={d.source!r} needs a glob of input files in data.path.")
     _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction",

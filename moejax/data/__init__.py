@@ -32,12 +32,13 @@ from moejax.data.pipeline import (
     make_eval_iterator,
     make_train_iterator,
 )
+from moejax.data.corpus import describe, make_source
+from moejax.data.parquet import ParquetSource
 from moejax.data.sources import (
     ArrayRecordSource,
     FileDocuments,
     JsonlSource,
     builtin_source,
-    make_source,
     stdlib_files,
     text_source,
 )
@@ -53,8 +54,8 @@ from moejax.data.tokenizer import (
 
 __all__ = [
     "ArrayRecordSource", "ByteTokenizer", "DataSummary", "FileDocuments", "GlobalBatchIterator",
-    "HFTokenizer", "JsonlSource", "Tokenizer", "builtin_source", "check_enough_data",
-    "decoded_num_bytes", "iterator_checkpoint_args", "make_eval_iterator", "make_source",
+    "HFTokenizer", "JsonlSource", "ParquetSource", "Tokenizer", "builtin_source",
+    "check_enough_data", "decoded_num_bytes", "describe", "iterator_checkpoint_args", "make_eval_iterator", "make_source",
     "make_tokenizer", "make_train_iterator", "stdlib_files", "text_source",
     "unigram_bits_per_byte",
 ]

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from grain.experimental import ConcatThenSplitIterDataset
 
 from moejax.config import DataConfig
-from moejax.data.sources import describe, make_source
+from moejax.data.corpus import describe, make_source
 from moejax.data.streams import (GlobalBatchIterator, check_rows, contiguous_rows,
                                  global_state, stream_dataset)
 from moejax.data.tokenizer import Tokenizer

@@ -26,7 +26,6 @@ from typing import Any, Sequence
 import numpy as np
 from etils import epath
 
-from moejax.config import DataConfig
 from moejax.storage import is_url
 
 SPLITS = ("train", "validation")
@@ -337,40 +336,3 @@ class ArrayRecordSource:
 
     def __repr__(self) -> str:
         return f"{self.name}({len(self)} documents in {len(self.files)} files)"
-
-
-def describe(cfg: DataConfig) -> str:
-    """Human-readable name of the corpus for error messages."""
-    if cfg.source == "builtin":
-        return "data.source='builtin' (Python stdlib sources)"
-    return f"data.source={cfg.source!r} data.path={cfg.path!r}"
-
-
-def make_source(cfg: DataConfig, split: str):
-    """The documents of `split` for `cfg`; raises ValueError naming the field to fix.
-
-    Fails on an unknown data.source, a glob matching nothing, a validation split asked
-    for with data.validation_fraction == 0, and an empty split.
-    """
-    _check_split(split)
-    if split == "validation" and cfg.validation_fraction <= 0:
-        raise ValueError(
-            f"data.validation_fraction={cfg.validation_fraction!r} holds out no documents, so "
-            "there is no validation split to evaluate; set it > 0 (e.g. 0.05).")
-    if cfg.source == "builtin":
-        src = builtin_source(split, cfg.validation_fraction)
-    elif cfg.source == "text":
-        src = text_source(cfg.path, split, cfg.validation_fraction)
-    elif cfg.source == "jsonl":
-        src = JsonlSource(cfg.path, cfg.text_field, split, cfg.validation_fraction)
-    elif cfg.source == "arrayrecord":
-        src = ArrayRecordSource(cfg.path, cfg.text_field, split, cfg.validation_fraction)
-    else:
-        raise ValueError(f"data.source={cfg.source!r} is invalid: use one of "
-                         "['builtin', 'text', 'jsonl', 'arrayrecord'].")
-    if len(src) == 0:
-        fix = "raise" if split == "validation" else "lower"
-        raise ValueError(
-            f"the {split} split of {describe(cfg)} is empty (data.validation_fraction="
-            f"{cfg.validation_fraction}); {fix} data.validation_fraction or add documents.")
-    return src
