@@ -43,8 +43,8 @@ from moejax.distributed import BatchLayout
 from moejax.sharding import make_mesh, use_mesh
 from moejax.storage import as_path
 from moejax.train import checkpoint
-from moejax.train.metrics import (MetricsWriter, flops_per_token, host_metrics,
-                                  peak_flops_per_device, throughput)
+from moejax.train.metrics import (LOAD_IMAGE_LOGS, MetricsWriter, flops_per_token,
+                                  host_metrics, peak_flops_per_device, throughput)
 from moejax.train.state import TrainSetup, TrainState, init_state, make_setup, param_count
 from moejax.train.guard import (Guard, NonFiniteError, check_guard, finite_check, init_guard,
                                 make_guarded_step)
@@ -74,13 +74,12 @@ class Logger:
     def __init__(self, cfg: Config, writer: MetricsWriter, start_step: int, bar: tqdm,
                  check: Callable[[Guard], None]):
         self.writer, self.bar, self.check = writer, bar, check
-        self.num_dense = cfg.model.num_dense_layers
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         self.flops = flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak = peak_flops_per_device(override=cfg.train.peak_flops_per_device)
         self.pending: tuple[int, Any, Guard] | None = None
         self.last_step, self.last_time = start_step, time.perf_counter()
-        self.latest: dict[str, float] = {}
+        self.latest: dict[str, Any] = {}
 
     def queue(self, step: int, device_metrics: Any, guard: Guard) -> None:
         """Remembers a dispatched step's metrics and guard; the next `flush` fetches them."""
@@ -94,7 +93,8 @@ class Logger:
         step, device_metrics, guard = self.pending
         self.pending = None
         raw, guard = jax.device_get((device_metrics, guard))
-        values = host_metrics(raw, self.num_dense)
+        values = host_metrics(raw)
+        self.writer.write_expert_load(step, raw.get("moe/expert_load"))
         now = time.perf_counter()
         step_time = (now - self.last_time) / max(step - self.last_step, 1)
         values.update(throughput(step_time, self.tokens_per_step, self.flops, self.peak,
@@ -108,7 +108,7 @@ class Logger:
         """Starts the next step_time interval now, at `step` (after non-training work)."""
         self.last_step, self.last_time = step, time.perf_counter()
 
-    def write(self, step: int, values: Mapping[str, float]) -> None:
+    def write(self, step: int, values: Mapping[str, Any]) -> None:
         self.latest.update(values)
         self.writer.write(step, values)
 
@@ -285,12 +285,12 @@ def _write_config(workdir: epath.Path, cfg: Config) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str | os.PathLike,
-                       *, eval_hook: EvalHook | None = None) -> dict[str, float]:
+                       *, eval_hook: EvalHook | None = None) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its newest checkpoint), then evaluates.
 
-    Returns the last logged train metrics, the final validation metrics
-    (`validation/cross_entropy`, `validation/perplexity`, `validation/bits_per_byte`, when
-    data.validation_fraction > 0), whatever `eval_hook(state, cfg)` returns, and `step`,
+    Returns the last logged train metrics (per-MoE-layer ones as lists), the final
+    validation metrics (`validation/cross_entropy`, `validation/perplexity`,
+    `validation/bits_per_byte`, when data.validation_fraction > 0), whatever `eval_hook(state, cfg)` returns, and `step`,
     the final state's step. Raises ValueError (before writing anything) for a bad config,
     missing or too little data, or a workdir holding another model's checkpoint;
     `NonFiniteError` when the non-finite guard stops the run (nothing non-finite saved).
@@ -308,7 +308,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
         distributed.sync("moejax: workdir checked")  # before any process creates in it
         _write_config(workdir, cfg)
         try:
-            writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+            writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                                   first_moe_layer=cfg.model.num_dense_layers,
+                                   load_every=LOAD_IMAGE_LOGS * cfg.train.log_every)
         except OSError as e:
             raise UnwritableWorkdir(f"workdir {os.fspath(workdir)!r}: cannot open its "
                                     f"metrics for writing: {e}.") from e

@@ -32,10 +32,12 @@ import optax
 
 from moejax.config import Config
 from moejax.train.cross_entropy import shifted_token_nll
+from moejax.train.expert_load import load_summary
 
 Batch = dict[str, jax.Array]
 # aux entries of the model carried into the statistics (means over the batch).
-MOE_STATS = ("balance_loss", "z_loss", "dropped_fraction", "expert_load", "mtp_expert_load")
+MOE_STATS = ("balance_loss", "z_loss", "dropped_fraction", "expert_load", "mtp_expert_load",
+             "router_entropy")
 
 
 def mtp_depth(cfg: Config) -> int:
@@ -145,7 +147,12 @@ def batch_loss(out: jax.Array, aux: dict[str, jax.Array], batch: Batch, weight_m
 def loss_metrics(stats: dict[str, jax.Array], weight_mtp: float,
                  extra_losses: Sequence[str] = ()) -> dict[str, jax.Array]:
     """Logged loss metrics from a batch's summed `batch_loss` statistics: `loss`,
-    `cross_entropy`, `target_tokens` [, `mtp_cross_entropy`, the extra losses, `moe/*`]."""
+    `cross_entropy`, `target_tokens` [, `mtp_cross_entropy`, the extra losses, `moe/*`].
+
+    The `moe/*` entries: scalar means over MoE layers of the balance loss, z-loss and
+    dropped fraction; per MoE layer [L_moe] `load_max_over_mean`, the `expert_load`
+    statistics (`load_cv`, `dead_experts`, `load_min_share`, `load_max_share`) and
+    `router_entropy`; and `moe/expert_load` itself [L_moe, E] (for pictures)."""
     zero = jnp.zeros((), jnp.float32)
     ce = stats["nll"] / jnp.maximum(stats["count"], 1.0)
     metrics = {"cross_entropy": ce, "target_tokens": stats["count"]}
@@ -162,5 +169,9 @@ def loss_metrics(stats: dict[str, jax.Array], weight_mtp: float,
             "moe/balance_loss": jnp.mean(stats["balance_loss"]),
             "moe/z_loss": jnp.mean(stats["z_loss"]),
             "moe/dropped_fraction": jnp.mean(stats["dropped_fraction"]),
-            "moe/load_max_over_mean": jnp.max(load, -1) / jnp.mean(load, -1)})
+            "moe/load_max_over_mean": jnp.max(load, -1) / jnp.mean(load, -1),
+            "moe/expert_load": load})
+        metrics.update({f"moe/{k}": v for k, v in load_summary(load).items()})
+        if "router_entropy" in stats:
+            metrics["moe/router_entropy"] = stats["router_entropy"]
     return metrics

@@ -16,9 +16,27 @@ Train metrics, one record per logged step (process 0 only):
   moe/balance_loss      unweighted sequence-wise balance loss, mean over MoE layers
   moe/z_loss            unweighted router z-loss, mean over MoE layers
   moe/dropped_fraction  share of (token, expert) assignments over capacity, mean over layers
-  moe/load_max_over_mean/layer_<i>  busiest expert's load / mean load in decoder layer i
-                        (i counts dense layers too, so the first MoE layer is num_dense_layers)
   moe/bias_norm         L2 norm of all aux-loss-free balance biases after this step
+
+Per MoE layer, one list per name in metrics.jsonl (entry j is decoder layer
+num_dense_layers + j) and one TensorBoard scalar `<name>/layer_<i>` per decoder layer i
+(`moejax/train/expert_load.py` has the formulas; shares are of the step's routed
+(token, choice) pairs):
+  moe/load_max_over_mean  busiest expert's share / mean share
+  moe/load_cv           coefficient of variation of the shares (0 = balanced)
+  moe/dead_experts      experts with share < 1/(10 E)
+  moe/load_min_share    smallest share (uniform = 1/E)
+  moe/load_max_share    largest share
+  moe/router_entropy    mean over tokens of the entropy (nats) of the normalised router
+                        scores s / sum(s) over all E experts (the softmax for softmax
+                        scoring, normalised sigmoid scores for V3); log(E) = no
+                        preference. NaN on DeepSeek-V4 hash layers, whose experts are
+                        fixed by token id
+TensorBoard also gets, every LOAD_IMAGE_LOGS-th log interval (steps that are multiples of
+LOAD_IMAGE_LOGS * train.log_every) and for the last logged step, the image
+`moe/expert_load` (layers x experts, see `expert_load.load_picture`) and one histogram of
+the E shares per MoE layer, `moe/expert_load/layer_<i>`; the matrix itself is not
+written to metrics.jsonl (61 layers x 256 experts per record would dwarf the rest).
   skipped_steps         steps the non-finite guard (or the loss-spike check) skipped
                         since this process started (moejax/train/guard.py)
 
@@ -30,7 +48,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -38,6 +56,7 @@ import numpy as np
 from moejax.config import AnyModelConfig
 from moejax.model.build import architecture_of
 from moejax.storage import JsonLines, as_path, tensorboard_writer
+from moejax.train.expert_load import load_picture
 
 # Dense bf16 peak FLOP/s per chip, matched against `device.device_kind` (first hit wins,
 # so more specific names come first). Sources: Google Cloud TPU and NVIDIA data sheets
@@ -57,6 +76,8 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 # CPU has no table entry: ~1e11 fp32 FLOP/s per device is what a 1024^3 jitted matmul
 # measures on a 2-core AVX-512 machine; set train.peak_flops_per_device for yours.
 CPU_PEAK_FLOPS = 1e11
+LOAD_IMAGE_LOGS = 10  # expert-load image and histograms: every 10th log interval
+Value = float | list[float]  # a scalar, or one value per MoE layer
 
 
 def flops_per_token(m: AnyModelConfig, seq_len: int) -> float:
@@ -84,14 +105,15 @@ def peak_flops_per_device(device: Any = None, override: float = 0.0) -> float:
     return math.nan
 
 
-def host_metrics(raw: Mapping[str, Any], num_dense_layers: int) -> dict[str, float]:
-    """Device metrics (already fetched) -> flat name: float, per-layer arrays spread out."""
-    out: dict[str, float] = {}
+def host_metrics(raw: Mapping[str, Any]) -> dict[str, Value]:
+    """Device metrics (already fetched) -> name: float, or a list of floats per MoE layer
+    for the per-layer metrics; the matrix `moe/expert_load` is left out (it goes to
+    `MetricsWriter.write_expert_load`)."""
+    out: dict[str, Value] = {}
     for name, value in raw.items():
         value = np.asarray(value)
-        if name == "moe/load_max_over_mean":
-            for i, v in enumerate(value.reshape(-1)):
-                out[f"{name}/layer_{num_dense_layers + i}"] = float(v)
+        if value.ndim == 1:
+            out[name] = [float(v) for v in value]
         elif value.ndim == 0:
             out[name] = float(value)
     if "cross_entropy" in out:
@@ -108,29 +130,71 @@ def throughput(step_time: float, tokens_per_step: int, flops_per_tok: float,
 
 
 class MetricsWriter:
-    """Appends records to metrics.jsonl and TensorBoard; a no-op unless `enabled`."""
+    """Appends records to metrics.jsonl and TensorBoard; a no-op unless `enabled`.
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+    `first_moe_layer` (the config's num_dense_layers) numbers the per-layer TensorBoard
+    tags by decoder layer; `load_every` (steps, 0 = every call) spaces the expert-load
+    images and histograms, the last matrix given is always written by `close`.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
+                 first_moe_layer: int = 0, load_every: int = 0):
         self.enabled = enabled
+        self.first_moe_layer, self.load_every = first_moe_layer, load_every
         self._jsonl = None
         self._tb = None
+        self._load: tuple[int, np.ndarray] | None = None  # the newest matrix not yet written
         if enabled:  # local folders or URLs (moejax.storage)
             workdir = as_path(workdir)
             self._jsonl = JsonLines(workdir / "metrics.jsonl")
             self._tb = tensorboard_writer(workdir / "tensorboard")
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        """One record: a JSON line {"step": step, **metrics} and one scalar per name."""
+    def write(self, step: int, metrics: Mapping[str, Value]) -> None:
+        """One record: a JSON line {"step": step, **metrics} and one scalar per name (per
+        layer for list values: `<name>/layer_<first_moe_layer + j>`)."""
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
-        for name, value in metrics.items():
-            self._tb.add_scalar(name, float(value), int(step))
+        for name, value in record.items():
+            if isinstance(value, list):
+                for j, v in enumerate(value):
+                    self._tb.add_scalar(f"{name}/layer_{self.first_moe_layer + j}", v,
+                                        int(step))
+            elif name != "step":
+                self._tb.add_scalar(name, value, int(step))
         self._tb.flush()
+
+    def write_expert_load(self, step: int, load: Any) -> None:
+        """Keeps the [L_moe, E] load of `step`; writes it to TensorBoard (image and
+        per-layer histograms) when `step` is a multiple of `load_every`, or the first time."""
+        if not self.enabled or load is None:
+            return
+        first = self._load is None
+        self._load = (int(step), np.asarray(load, np.float32))
+        if first or self.load_every <= 0 or step % self.load_every == 0:
+            self._write_load()
+
+    def _write_load(self) -> None:
+        step, load = self._load
+        self._tb.add_image("moe/expert_load", load_picture(load), step, dataformats="HWC")
+        for j, row in enumerate(load):
+            self._tb.add_histogram(f"moe/expert_load/layer_{self.first_moe_layer + j}",
+                                   row, step)
+        self._tb.flush()
+        self._load = (step, None)
 
     def close(self) -> None:
         if self.enabled:
+            if self._load is not None and self._load[1] is not None:
+                self._write_load()
             self._jsonl.close()
             self._tb.close()
             self.enabled = False
+
+
+def _plain(value: Value | np.ndarray) -> Value:
+    """A float, or a list of floats (JSON and TensorBoard take both)."""
+    if isinstance(value, (Sequence, np.ndarray)) and np.ndim(value) == 1:
+        return [float(v) for v in value]
+    return float(value)

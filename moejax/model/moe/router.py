@@ -148,10 +148,26 @@ def update_balance_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Ar
     return bias + rate * jnp.sign(mean - load).astype(bias.dtype)
 
 
+def router_entropy(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean over real tokens of the entropy (nats) of p = s / sum_j s_j over all E experts.
+
+    p is the distribution `sequence_balance_loss` uses for P_i: the softmax itself for
+    softmax scoring, the normalised sigmoid (V3) or sqrt(softplus) (V4) scores otherwise.
+    log(E) means the router cannot tell the experts apart; 0 that one expert takes
+    everything. Reported for monitoring only (no gradient flows through aux statistics
+    into the loss).
+    """
+    p = scores / (scores.sum(-1, keepdims=True) + 1e-20)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    m = mask.astype(jnp.float32)
+    return (entropy * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
 def routing_stats(routing: Routing, mask: jax.Array) -> dict[str, Any]:
     """Per-layer router statistics reported through the model's `aux`."""
     return {
         "expert_load": expert_load(routing.indices, routing.scores.shape[-1], mask),
         "balance_loss": sequence_balance_loss(routing, mask),
         "z_loss": router_z_loss(routing.logits, mask),
+        "router_entropy": router_entropy(routing.scores, mask),
     }

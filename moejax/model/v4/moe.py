@@ -10,7 +10,9 @@
 
 `tid2eid` [V, k] int32 is a frozen token -> experts table in the `hash_routing` collection
 (not `params`: no gradient, no optimizer state). At init it holds k distinct random experts
-per token; imported checkpoints overwrite it. Hash layers ignore the balance bias.
+per token; imported checkpoints overwrite it. Hash layers ignore the balance bias, and
+their `router_entropy` statistic is NaN (not defined: the scores weight the chosen experts
+but do not choose them).
 
 The clamp lives in layers.py (`clamped_swiglu`, used by `MLP` and by the `swiglu_limit`
 argument of every dispatch strategy), so V4 layers share moe/layer.py's `routed_experts`.
@@ -104,6 +106,8 @@ class V4MoE(nn.Module):
             y = y + MLP(cfg.num_shared_experts * cfg.expert_hidden, self.init_std, self.dtype,
                         self.param_dtype, cfg.swiglu_limit, name="shared")(x)
         stats = routing_stats(routing, mask)
+        if self.is_hash:  # experts come from tid2eid[token]: no score distribution picks them
+            stats["router_entropy"] = jnp.full((), jnp.nan, jnp.float32)
         stats["dropped_fraction"] = dropped / jnp.maximum(mask.sum() * cfg.top_k, 1)
         return constrain(y, ("act_batch", "act_length", "act_embed")), stats
 
