@@ -117,7 +117,8 @@ def plot_expert_load(load: Any, path: PathLike, title: str = "expert load",
     fig.colorbar(image, ax=ax, label=f"share of routed pairs (uniform = 1/{cols})")
     dead_rows, dead_cols = np.nonzero(load < dead_threshold(cols))
     if len(dead_rows):
-        ax.scatter(dead_cols, dead_rows, marker="x", color="red",
+        size = float(np.clip(20000 / load.size, 4, 36))  # smaller marks on bigger grids
+        ax.scatter(dead_cols, dead_rows, s=size, marker="x", color="red",
                    label=f"dead (< 1/{10 * cols})")
         ax.legend(loc="upper right", fontsize="small")
     ax.set_xlabel("expert")

@@ -27,6 +27,7 @@ if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pathlib  # noqa: E402
+import struct  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -56,3 +57,17 @@ def small_config(*overrides: str):
 @pytest.fixture
 def small_cfg():
     return small_config()
+
+
+def read_events(logdir) -> list:
+    """Every TensorBoard Event in `logdir`'s event files (TFRecord framing: length u64,
+    its crc u32, the Event proto, its crc u32)."""
+    from tensorboardX.proto import event_pb2
+    events = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + length]))
+            at += 12 + length + 4
+    return events

@@ -129,7 +129,8 @@ def test_indexer_loss_coef_is_validated():
 @pytest.mark.slow  # two V4 train-step compiles; test_indexer_loss_trains_only_the_indexer
 def test_train_step_adds_the_indexer_loss_and_moves_the_indexer():  # is the default check
     """Two V4 train steps: the indexer loss is in the loss and moves the indexer; the hash
-    layer's balance-bias row stays 0 while the learned layer's moves."""
+    layer's balance-bias row stays 0 while the learned layer's moves; its router entropy
+    is NaN."""
     from moejax.config import load_config, resolve
     from moejax.sharding import make_mesh, use_mesh
     from moejax.train import state as train_state
@@ -162,3 +163,5 @@ def test_train_step_adds_the_indexer_loss_and_moves_the_indexer():  # is the def
     assert min(moved) > 1e-4  # far beyond weight decay alone (~2e-5 here)
     bias = np.asarray(jax.device_get(st.moe_bias["bias"]))  # layer 0 routes by hash
     assert not bias[0].any() and bias[1].any()
+    entropy = np.asarray(m["moe/router_entropy"])  # not defined on the hash layer
+    assert np.isnan(entropy[0]) and 0 < entropy[1] <= np.log(cfg.model.moe.num_experts)

@@ -2,13 +2,12 @@
 per-layer MoE statistics by hand; the writer's metrics.jsonl and TensorBoard records."""
 import json
 import math
-import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, read_events
 
 from moejax.config import load_config, model_config
 from moejax.model.moe.router import router_entropy
@@ -71,20 +70,6 @@ def test_loss_metrics_carry_the_per_layer_moe_statistics():
     host = host_metrics(jax.device_get(m))
     assert host["moe/load_max_share"] == pytest.approx([0.5, 0.25, 0.5])
     assert "moe/expert_load" not in host and isinstance(host["loss"], float)
-
-
-def read_events(logdir) -> list:
-    """Every tensorboard Event in `logdir`'s event files (TFRecord framing: length u64,
-    its crc u32, the Event proto, its crc u32)."""
-    from tensorboardX.proto import event_pb2
-    events = []
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        data, at = path.read_bytes(), 0
-        while at < len(data):
-            (length,) = struct.unpack("<Q", data[at:at + 8])
-            events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + length]))
-            at += 12 + length + 4
-    return events
 
 
 def test_writer_puts_lists_in_jsonl_and_load_images_in_tensorboard(tmp_path):

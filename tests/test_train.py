@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, SMALL_MODEL, small_config, subprocess_env
+from conftest import ROOT, SMALL_MODEL, read_events, small_config, subprocess_env
 
 import moejax
 from moejax.config import OptimizerConfig, load_config, resolve
@@ -24,7 +24,10 @@ TRAIN = ["model.vocab_size=384", "train.batch_size=8", "train.seq_len=32", "trai
          "train.save_every=2", "train.eval_batches=1", "optimizer.warmup_steps=1"]
 METRICS = ["loss", "perplexity", "learning_rate", "grad_norm", "tokens_per_second",
            "step_time", "mfu", "moe/balance_loss", "moe/z_loss", "moe/dropped_fraction",
-           "moe/bias_norm", "moe/load_max_over_mean/layer_1", "moe/load_max_over_mean/layer_2"]
+           "moe/bias_norm"]
+# One list per record, one value per MoE layer (the small model: 2 MoE layers of 8 experts).
+LAYER_METRICS = ["moe/load_max_over_mean", "moe/load_cv", "moe/dead_experts",
+                 "moe/load_min_share", "moe/load_max_share", "moe/router_entropy"]
 
 
 def train_py_args(workdir: pathlib.Path, *overrides: str) -> list[str]:
@@ -187,8 +190,15 @@ def test_train_py_writes_config_metrics_tensorboard_and_checkpoint(tmp_path):
     assert [r["step"] for r in train_records] == [1, 2, 3, 4]
     for name in METRICS:
         assert all(math.isfinite(r[name]) for r in train_records), name
+    for name in LAYER_METRICS:
+        assert all(len(r[name]) == 2 and np.isfinite(r[name]).all() for r in train_records), name
+    last = train_records[-1]
+    assert 0 < min(last["moe/router_entropy"]) and max(last["moe/router_entropy"]) <= math.log(8)
+    assert set(last["moe/dead_experts"]) <= set(range(9))
+    assert last["moe/load_min_share"][0] <= 1 / 8 <= last["moe/load_max_share"][0]
     assert any("validation/bits_per_byte" in r for r in records)
-    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    tags = {v.tag for e in read_events(workdir / "tensorboard") for v in e.summary.value}
+    assert {"moe/expert_load", "moe/expert_load/layer_1", "moe/load_cv/layer_2"} <= tags
     assert (workdir / "checkpoints" / "4" / "state").is_dir()
     args = train_py_args(workdir, *CLI)
     args[1] = str(ROOT / "eval.py")
@@ -198,6 +208,9 @@ def test_train_py_writes_config_metrics_tensorboard_and_checkpoint(tmp_path):
     result = json.loads((workdir / "eval.json").read_text())
     assert {"step", "loss", "perplexity", "bits_per_byte", "expert_load",
             "samples"} <= set(result)
+    assert set(result["plots"]) == {"loss", "expert_load"}
+    for path in result["plots"].values():
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n", path
     assert result["step"] == 4 and math.isfinite(result["bits_per_byte"])
     assert len(result["expert_load"]) == 2 and len(result["samples"]) == 2
     assert "bits per byte" in proc.stdout

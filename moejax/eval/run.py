@@ -2,13 +2,16 @@
 
 Writes `<workdir>/eval.json` with `step`, `loss` (validation cross-entropy, nats/token),
 `perplexity`, `bits_per_byte`, `unigram_bits_per_byte` (the byte-frequency baseline on
-the same bytes), `expert_load` (per MoE layer, each expert's share of the routed pairs)
-and `samples` (greedy and nucleus samples from `prompt`, KV-cached decoding).
+the same bytes), `expert_load` (per MoE layer, each expert's share of the routed pairs),
+`samples` (greedy and nucleus samples from `prompt`, KV-cached decoding) and `plots`: the
+paths of `<workdir>/loss.png` (train and validation cross-entropy from metrics.jsonl) and
+`<workdir>/expert_load.png` (heatmap of `expert_load`), see moejax.plot.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -18,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from moejax.config import Config, resolve
 from moejax.eval.generate import generate
+from moejax.plot import write_eval_plots
 from moejax.train.heldout import HeldOut, expert_usage_table, unigram_baseline
 from moejax.sharding import make_mesh, use_mesh
 from moejax.storage import as_path
@@ -81,8 +85,19 @@ def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | os.PathL
         "samples": samples,
     }
     if jax.process_index() == 0:
+        result["plots"] = _plots(workdir, result, cfg)
         (workdir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _plots(workdir: Any, result: dict[str, Any], cfg: Config) -> dict[str, str]:
+    """loss.png and expert_load.png in `workdir`; none (with a note) without matplotlib."""
+    try:
+        return write_eval_plots(workdir, result["expert_load"], cfg.model.num_dense_layers,
+                                result["step"])
+    except ImportError as e:
+        print(f"eval: no plots written: {e}", file=sys.stderr)
+        return {}
 
 
 def summary_text(result: dict[str, Any], cfg: Config) -> str:
@@ -94,6 +109,8 @@ def summary_text(result: dict[str, Any], cfg: Config) -> str:
     if result["expert_load"]:
         lines.append("expert usage:")
         lines.append(expert_usage_table(result["expert_load"], cfg.model.num_dense_layers))
+    if result.get("plots"):
+        lines.append("plots: " + ", ".join(result["plots"].values()))
     for s in result["samples"]:
         lines.append(f"--- sample (temperature {s['temperature']}, top_p {s['top_p']}) ---")
         lines.append(s["prompt"] + s["text"])

@@ -17,6 +17,8 @@ Train metrics, one record per logged step (process 0 only):
   moe/z_loss            unweighted router z-loss, mean over MoE layers
   moe/dropped_fraction  share of (token, expert) assignments over capacity, mean over layers
   moe/bias_norm         L2 norm of all aux-loss-free balance biases after this step
+  skipped_steps         steps the non-finite guard (or the loss-spike check) skipped
+                        since this process started (moejax/train/guard.py)
 
 Per MoE layer, one list per name in metrics.jsonl (entry j is decoder layer
 num_dense_layers + j) and one TensorBoard scalar `<name>/layer_<i>` per decoder layer i
@@ -32,13 +34,11 @@ num_dense_layers + j) and one TensorBoard scalar `<name>/layer_<i>` per decoder 
                         scoring, normalised sigmoid scores for V3); log(E) = no
                         preference. NaN on DeepSeek-V4 hash layers, whose experts are
                         fixed by token id
-TensorBoard also gets, every LOAD_IMAGE_LOGS-th log interval (steps that are multiples of
-LOAD_IMAGE_LOGS * train.log_every) and for the last logged step, the image
+TensorBoard also gets, at the first logged step, at steps that are multiples of
+LOAD_IMAGE_LOGS * train.log_every, and at the last logged step, the image
 `moe/expert_load` (layers x experts, see `expert_load.load_picture`) and one histogram of
 the E shares per MoE layer, `moe/expert_load/layer_<i>`; the matrix itself is not
 written to metrics.jsonl (61 layers x 256 experts per record would dwarf the rest).
-  skipped_steps         steps the non-finite guard (or the loss-spike check) skipped
-                        since this process started (moejax/train/guard.py)
 
 Records go to `<workdir>/metrics.jsonl` (one JSON object per line, with "step") and to
 TensorBoard event files under `<workdir>/tensorboard/`.
