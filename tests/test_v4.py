@@ -10,7 +10,7 @@ from moejax.model.v4.hyper import HyperConnection, sinkhorn
 from moejax.config.v4 import V4Config, V4MoEConfig, v4_config
 from moejax.model.layers import clamped_swiglu
 from moejax.model.moe.capacity import DISPATCH
-from moejax.model.v4.moe import V4Router, random_tid2eid
+from moejax.model.v4.moe import V4MoE, V4Router, random_tid2eid
 
 # ----------------------------------------------------------------------------- mHC
 
@@ -80,6 +80,20 @@ def test_hash_routing_uses_the_table_and_ignores_the_bias():
     lv = jax.jit(learned.init)(jax.random.key(2), x, jnp.zeros(8), tokens)
     picked = jax.jit(learned.apply)(lv, x, jnp.zeros(8).at[3].set(100.0), tokens).indices
     assert (picked == 3).any(-1).all()  # the learned router follows the bias
+
+
+def test_router_entropy_is_nan_on_hash_layers_only():
+    """Hash layers pick experts by token id: their score entropy is reported as NaN."""
+    cfg = V4MoEConfig(num_experts=8, top_k=2, expert_hidden=8, num_shared_experts=0)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 32, (2, 6)), jnp.int32)
+    mask = jnp.ones((2, 6), bool)
+    for is_hash in (True, False):
+        moe = V4MoE(cfg, is_hash=is_hash, vocab_size=32)
+        variables = moe.init(jax.random.key(0), x, jnp.zeros(8), tokens, mask)
+        entropy = float(moe.apply(variables, x, jnp.zeros(8), tokens, mask)[1]["router_entropy"])
+        assert np.isnan(entropy) if is_hash else 0 < entropy <= np.log(8)
 
 
 def test_random_tid2eid_is_balanced_enough():
