@@ -79,6 +79,7 @@ def test_train_resume_eval_on_gcs(gcs, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # resumed, appended
     assert json.loads((run / "eval.json").read_text())["loss"] == result["loss"]
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"  # plots through epath too
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 3
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "3"]
     events = list((run / "tensorboard").iterdir())
