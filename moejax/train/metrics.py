@@ -177,6 +177,7 @@ class MetricsWriter:
 
     def _write_load(self) -> None:
         step, load = self._load
+        # tensorboardX encodes the PNG with pillow (in install_requires for this)
         self._tb.add_image("moe/expert_load", load_picture(load), step, dataformats="HWC")
         for j, row in enumerate(load):
             self._tb.add_histogram(f"moe/expert_load/layer_{self.first_moe_layer + j}",
