@@ -143,7 +143,8 @@ class MetricsWriter:
         self.first_moe_layer, self.load_every = first_moe_layer, load_every
         self._jsonl = None
         self._tb = None
-        self._load: tuple[int, np.ndarray] | None = None  # the newest matrix not yet written
+        # (step, matrix) of the newest load; matrix None once written
+        self._load: tuple[int, np.ndarray | None] | None = None
         if enabled:  # local folders or URLs (moejax.storage)
             workdir = as_path(workdir)
             self._jsonl = JsonLines(workdir / "metrics.jsonl")
