@@ -290,7 +290,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
 
     Returns the last logged train metrics (per-MoE-layer ones as lists), the final
     validation metrics (`validation/cross_entropy`, `validation/perplexity`,
-    `validation/bits_per_byte`, when data.validation_fraction > 0), whatever `eval_hook(state, cfg)` returns, and `step`,
+    `validation/bits_per_byte`, when data.validation_fraction > 0), whatever
+    `eval_hook(state, cfg)` returns, and `step`,
     the final state's step. Raises ValueError (before writing anything) for a bad config,
     missing or too little data, or a workdir holding another model's checkpoint;
     `NonFiniteError` when the non-finite guard stops the run (nothing non-finite saved).
