@@ -1,6 +1,12 @@
 """moejax: train DeepSeek-class Mixture-of-Experts language models in JAX.
 
-Notebook API::
+Train and evaluate (what `moejax-train` / `moejax-eval` run)::
+
+    cfg = moejax.load_config("tiny", overrides=["train.steps=100"])  # or a file path
+    final = moejax.train_and_evaluate(cfg, "runs/tiny")   # last metrics, validation
+    result = moejax.evaluate(cfg, "runs/tiny")            # also writes runs/tiny/eval.json
+
+Model API::
 
     cfg = moejax.load_config("configs/tiny.py", overrides=["model.moe.num_experts=16"])
     model = moejax.build_model(moejax.model_config(cfg.model))  # Transformer / TransformerV4
@@ -20,7 +26,10 @@ from moejax.model.transformer import Transformer
 from moejax.model.v4.model import TransformerV4
 from moejax.config.v4 import V4Config
 from moejax.sharding import init_variables, make_mesh, use_mesh
+from moejax.train import train_and_evaluate
+from moejax.eval import evaluate
 
 __all__ = ["Config", "MeshConfig", "ModelConfig", "MoEConfig", "Transformer",
-           "TransformerV4", "V4Config", "build_model", "init_variables", "load_config",
-           "make_mesh", "model_config", "resolve", "update_balance_bias", "use_mesh"]
+           "TransformerV4", "V4Config", "build_model", "evaluate", "init_variables",
+           "load_config", "make_mesh", "model_config", "resolve", "train_and_evaluate",
+           "update_balance_bias", "use_mesh"]

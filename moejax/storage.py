@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 from etils import epath
-from tensorboardX import SummaryWriter, record_writer
 
 PathLike = str | os.PathLike
 
@@ -86,6 +85,9 @@ class _EpathRecordWriterFactory:
 
 def tensorboard_writer(logdir: epath.Path) -> Any:
     """A tensorboardX SummaryWriter for `logdir`; URLs are written through epath."""
+    # Imported here, not at module level: tensorboardX imports torch when it is installed
+    # (2.4 s of `import moejax` on a 2-core machine), and only a run that logs needs it.
+    from tensorboardX import SummaryWriter, record_writer
     if is_url(logdir):
         scheme = os.fspath(logdir).split("://", 1)[0]
         record_writer.register_writer_factory(scheme, _EpathRecordWriterFactory())

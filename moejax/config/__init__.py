@@ -21,7 +21,15 @@ from moejax.config.choices import (
                                    SCORE_FUNCTIONS,
 )
 from moejax.config.coerce import dataclass_from_dict
-from moejax.config.files import apply_overrides, load_config, load_config_file
+from moejax.config.files import (
+                                   apply_overrides,
+                                   builtin_config_dir,
+                                   builtin_config_names,
+                                   config_file,
+                                   config_path,
+                                   load_config,
+                                   load_config_file,
+)
 from moejax.config.mesh import MeshConfig, mesh_config
 from moejax.config.schema import (
                                    AnyModelConfig,
@@ -46,5 +54,6 @@ __all__ = ["ARCHITECTURES", "ATTENTION_IMPLS", "ATTENTION_TYPES", "DISPATCHES",
            "REMAT_POLICIES", "ROPE_STYLES", "SCORE_FUNCTIONS", "AnyModelConfig", "Config",
            "DataConfig", "MLAConfig", "MTPConfig", "MeshConfig", "MoEConfig", "ModelConfig",
            "OptimizerConfig", "RopeConfig", "TrainConfig", "V4Config", "apply_overrides",
+           "builtin_config_dir", "builtin_config_names", "config_file", "config_path",
            "dataclass_from_dict", "load_config", "load_config_file", "mesh_config",
            "model_config", "resolve", "v4_config", "validate", "validate_model"]
