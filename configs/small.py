@@ -108,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.max_skipped_steps = 5  # "skip": more skipped steps in a row than this stop the run
     train.spike_factor = 0.0  # > 1: skip steps whose loss > factor x running median (0 = off)
     train.spike_window = 64  # losses in that running median
+    train.wandb_project = ""  # also log metrics to this W&B project ("" = off; `wandb` extra)
 
     cfg.optimizer = opt = ml_collections.ConfigDict()
     opt.name = "adamw"  # AdamW with decoupled weight decay

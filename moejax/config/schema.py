@@ -173,6 +173,8 @@ class TrainConfig:
     max_skipped_steps: int = 5  # more skipped steps than this in a row stop the run
     spike_factor: float = 0.0  # > 1: skip a step whose loss > factor x running median; 0 = off
     spike_window: int = 64  # accepted losses the running median is taken over
+    wandb_project: str = ""  # also log the metrics to this Weights & Biases project ("" = off;
+    # the `wandb` extra; moejax/train/wandb_tracker.py)
 
 
 @dataclasses.dataclass(frozen=True)

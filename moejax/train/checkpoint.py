@@ -50,7 +50,14 @@ from moejax.train.state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT = "corrupt"  # a set-aside checkpoint is renamed <step>.corrupt-<n>
-READ_ONLY = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+# Managers that only read (latest step, config, restore). Not `read_only=True`: Orbax logs
+# "Given directory is read only" at WARNING for every such manager it opens (several per
+# eval.py run), a warning users would learn to ignore. These never call save or delete, and
+# create no folder, write no root metadata (hence no barrier across processes) and start no
+# async-save thread, so they change nothing on disk all the same.
+READ_ONLY = ocp.CheckpointManagerOptions(create=False, save_interval_steps=0,
+                                         save_root_metadata=False,
+                                         enable_async_checkpointing=False)
 # Model fields that may change between a checkpoint and the run that resumes it.
 RUNTIME_MODEL_FIELDS = frozenset({
     "dtype", "remat_policy", "attention_impl", "moe.dispatch", "moe.group_size",

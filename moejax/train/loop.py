@@ -42,7 +42,7 @@ from moejax import distributed
 from moejax.distributed import BatchLayout
 from moejax.sharding import make_mesh, use_mesh
 from moejax.storage import as_path
-from moejax.train import checkpoint
+from moejax.train import checkpoint, wandb_tracker
 from moejax.train.metrics import (LOAD_IMAGE_LOGS, MetricsWriter, flops_per_token,
                                   host_metrics, peak_flops_per_device, throughput)
 from moejax.train.state import TrainSetup, TrainState, init_state, make_setup, param_count
@@ -302,6 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
     cfg = config if isinstance(config, Config) else resolve(config)
     workdir = as_path(workdir)  # a local folder or a URL (moejax.storage)
     tokenizer, summary = check_inputs(cfg)
+    wandb_tracker.check_available(cfg.train.wandb_project)
     mesh = make_mesh(cfg.mesh)
     with use_mesh(mesh):
         setup = make_setup(cfg, mesh)
@@ -309,9 +310,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
         distributed.sync("moejax: workdir checked")  # before any process creates in it
         _write_config(workdir, cfg)
         try:
-            writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
+            primary = jax.process_index() == 0
+            writer = MetricsWriter(workdir, enabled=primary,
                                    first_moe_layer=cfg.model.num_dense_layers,
-                                   load_every=LOAD_IMAGE_LOGS * cfg.train.log_every)
+                                   load_every=LOAD_IMAGE_LOGS * cfg.train.log_every,
+                                   tracker=wandb_tracker.open_tracker(cfg, workdir, primary))
         except OSError as e:
             raise UnwritableWorkdir(f"workdir {os.fspath(workdir)!r}: cannot open its "
                                     f"metrics for writing: {e}.") from e

@@ -57,6 +57,7 @@ from moejax.config import AnyModelConfig
 from moejax.model.build import architecture_of
 from moejax.storage import JsonLines, as_path, tensorboard_writer
 from moejax.train.expert_load import load_picture
+from moejax.train.wandb_tracker import WandbTracker
 
 # Dense bf16 peak FLOP/s per chip, matched against `device.device_kind` (first hit wins,
 # so more specific names come first). Sources: Google Cloud TPU and NVIDIA data sheets
@@ -130,7 +131,8 @@ def throughput(step_time: float, tokens_per_step: int, flops_per_tok: float,
 
 
 class MetricsWriter:
-    """Appends records to metrics.jsonl and TensorBoard; a no-op unless `enabled`.
+    """Appends records to metrics.jsonl and TensorBoard (and `tracker`, e.g. the wandb one,
+    when given, with TensorBoard's scalars); a no-op unless `enabled`.
 
     `first_moe_layer` (the config's num_dense_layers) numbers the per-layer TensorBoard
     tags by decoder layer; `load_every` (steps, 0 = every call) spaces the expert-load
@@ -138,9 +140,11 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
-                 first_moe_layer: int = 0, load_every: int = 0):
+                 first_moe_layer: int = 0, load_every: int = 0,
+                 tracker: WandbTracker | None = None):
         self.enabled = enabled
         self.first_moe_layer, self.load_every = first_moe_layer, load_every
+        self._tracker = tracker
         self._jsonl = None
         self._tb = None
         # (step, matrix) of the newest load; matrix None once written
@@ -157,14 +161,18 @@ class MetricsWriter:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
+        scalars = {}
         for name, value in record.items():
             if isinstance(value, list):
                 for j, v in enumerate(value):
-                    self._tb.add_scalar(f"{name}/layer_{self.first_moe_layer + j}", v,
-                                        int(step))
+                    scalars[f"{name}/layer_{self.first_moe_layer + j}"] = v
             elif name != "step":
-                self._tb.add_scalar(name, value, int(step))
+                scalars[name] = value
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, int(step))
         self._tb.flush()
+        if self._tracker is not None:
+            self._tracker.log(step, scalars)
 
     def write_expert_load(self, step: int, load: Any) -> None:
         """Keeps the [L_moe, E] load of `step`; writes it to TensorBoard (image and
@@ -192,6 +200,8 @@ class MetricsWriter:
                 self._write_load()
             self._jsonl.close()
             self._tb.close()
+            if self._tracker is not None:
+                self._tracker.close()
             self.enabled = False
 
 
