@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import secrets
 from typing import Any, Mapping
 
 from etils import epath
@@ -39,7 +40,7 @@ class WandbTracker:
         import wandb
 
         id_file = workdir / RUN_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
         self._run = wandb.init(
             project=cfg.train.wandb_project, id=run_id, resume="allow",
             name=workdir.name, config=dataclasses.asdict(cfg),
