@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 from test_v4 import _quant_fp4, _quant_fp8, _randomise_variables
 
-from moejax.config.v4 import V4Config
-from moejax.interop import hf, hf_config, hf_stream, hf_v4, safetensors_slices
-from moejax.interop.lazy_view import LazyView, apply, source_box
-from moejax.interop.safetensors_io import INDEX_FILE, dequantize_fp8
-from moejax.interop.safetensors_slices import Source, Stored, read_box, write_safetensors
-from moejax.sharding import make_mesh
+pytest.importorskip("safetensors")  # the `hf` extra
+
+from moejax.config.v4 import V4Config  # noqa: E402
+from moejax.interop import hf, hf_config, hf_stream, hf_v4, safetensors_slices  # noqa: E402
+from moejax.interop.lazy_view import LazyView, apply, source_box  # noqa: E402
+from moejax.interop.safetensors_io import INDEX_FILE, dequantize_fp8  # noqa: E402
+from moejax.interop.safetensors_slices import (Source, Stored, read_box,  # noqa: E402
+                                               write_safetensors)
+from moejax.sharding import make_mesh  # noqa: E402
 
 MESHES = {"fsdp4_expert2": {"data": 1, "fsdp": 4, "expert": 2, "tensor": 1},
           "fsdp2_expert2_tensor2": {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}}

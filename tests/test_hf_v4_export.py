@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from test_v4 import _randomise_variables
 
-from moejax.interop import hf_v4
-from moejax.config.v4 import V4Config, V4MTPConfig
+pytest.importorskip("safetensors")  # the `hf` extra
+
+from moejax.interop import hf_v4  # noqa: E402
+from moejax.config.v4 import V4Config, V4MTPConfig  # noqa: E402
 
 
 def _without_hash_bias_rows(variables, cfg):
