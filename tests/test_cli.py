@@ -10,8 +10,10 @@ from __future__ import annotations
 import configparser
 import importlib
 import logging
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import orbax.checkpoint as ocp
 import pytest
@@ -103,3 +105,25 @@ def test_reading_a_checkpoint_logs_no_warning(tmp_path, caplog):
         assert checkpoint.saved_config(tmp_path, 3) == {"model": {}}
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert sorted(p.name for p in directory.iterdir()) == before  # nothing written
+
+
+def test_the_wheel_ships_the_configs_the_programs_and_the_licence(tmp_path):
+    """What a non-editable `pip install .` installs: built (~3 s, offline, with this
+    environment's setuptools) from a copy of the checkout, as the build writes build/ and
+    *.egg-info next to setup.py."""
+    pytest.importorskip("setuptools")
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "tests", "bench", "build", "*.egg-info", "__pycache__", "runs"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(source)], check=True, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("moejax-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        entry_points = archive.read(f"{info}/entry_points.txt").decode()
+    configs = {f"moejax/configs/{p.name}" for p in (ROOT / "configs").glob("*.py")}
+    assert configs <= names and f"{info}/licenses/LICENSE" in names
+    assert {"moejax/cli/train.py", "moejax/cli/eval.py", "moejax/cli/hf.py"} <= names
+    for name, target in console_scripts().items():
+        assert f"{name} = {target}" in entry_points
