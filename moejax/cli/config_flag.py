@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
@@ -24,7 +25,7 @@ class _ConfigSpecParser(flags.ArgumentParser):
     def __init__(self, inner: flags.ArgumentParser):
         self._inner = inner
 
-    def parse(self, argument: str):  # -> ConfigDict
+    def parse(self, argument: str) -> ml_collections.ConfigDict:
         try:
             config_file(argument)  # before anything loads; absl reports a ValueError
         except FileNotFoundError as e:  # as "flag --config=...: <message>", no traceback
