@@ -3,8 +3,9 @@
 - `moejax-train` (`train.py`): moejax.cli.train;
 - `moejax-eval` (`eval.py`): moejax.cli.eval;
 - `moejax-hf` (`python -m moejax.interop`): moejax.cli.hf;
-- `moejax-plan` (`python -m moejax.plan`) and `moejax-aot` (`python -m moejax.aot`) are
-  those modules' `main` (setup.cfg's console_scripts).
+- `moejax-plan` (`python -m moejax.plan`), `moejax-aot` (`python -m moejax.aot`) and
+  `moejax-plot` (`python -m moejax.plot`) are those modules' `main` (setup.cfg's
+  console_scripts).
 
 `--config` takes a config file (`configs/tiny.py`, `path.py:arg`) or the name of a
 built-in one (`tiny`, `deepseek_v4:flash`; moejax.config.files). Each program defines its

@@ -4,7 +4,8 @@ Restores the newest checkpoint in DIR (a damaged newer one is reported and renam
 `<step>.corrupt-<n>`, and the previous one is used; moejax/train/checkpoint.py); computes
 validation loss, perplexity and bits per byte (next to the byte-unigram baseline), reports
 expert usage per layer, samples from `--prompt` with the KV cache (greedy and
-temperature/top-p), writes DIR/eval.json and prints a short summary. `--config` (a file
+temperature/top-p), writes DIR/eval.json (and the plots DIR/loss.png and
+DIR/expert_load.png, moejax.plot) and prints a short summary. `--config` (a file
 or a built-in name), its overrides and `--multihost` work as in moejax-train; every
 process evaluates its rows of the batches, process 0 writes eval.json.
 """
