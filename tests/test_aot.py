@@ -193,6 +193,7 @@ def _check(result, planned, chips):
     assert result.state_bytes_per_chip == pytest.approx(planned, rel=0.05)
 
 
+@pytest.mark.slow  # the two-slice test compiles the same tiny step on 2 x v5p-8
 def test_tiny_compiles_for_v5p_8_and_its_state_matches_the_planner():
     config = load_config(str(ROOT / "configs/tiny.py"), [*SMALL_MODEL, *SHORT])
     result, planned = _compile_and_plan(config)
@@ -210,6 +211,7 @@ def test_tiny_compiles_for_two_slices_of_v5p_8():
     config = load_config(str(ROOT / "configs/tiny.py"), [*SMALL_MODEL, *SHORT,
                                                           "mesh.dcn_data=2"])
     result, planned = _compile_and_plan(config, num_slices=2)
+    assert result.mesh == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}  # fsdp in a slice
     _check(result, planned, chips=8)
 
 
