@@ -97,8 +97,14 @@ def test_indexer_loss_trains_only_the_indexer():
     for name in indexer:
         assert not np.any(off_flat[name]), f"{name}: coef 0 must give no gradient"
         assert np.any(on_flat[name]), f"{name}: no gradient from the indexer loss"
-    for name in set(on_flat) - indexer:  # the indexer loss does not leak into the model
-        np.testing.assert_allclose(on_flat[name], off_flat[name], rtol=1e-6, atol=1e-9,
+    # The indexer loss does not leak into the model. Tolerance: the two programs round
+    # float32 differently (under the tests' XLA:CPU -O0, up to 4e-8 on gradients of ~1e-3
+    # was seen); a leak would be of the size of the indexer's own gradients, checked to be
+    # far larger.
+    atol = 1e-7
+    assert max(np.abs(on_flat[name]).max() for name in indexer) > 1e3 * atol
+    for name in set(on_flat) - indexer:
+        np.testing.assert_allclose(on_flat[name], off_flat[name], rtol=1e-4, atol=atol,
                                    err_msg=name)
 
 
