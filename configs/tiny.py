@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.tokenizer = "byte"  # raw UTF-8 bytes (259 ids)
     data.validation_fraction = 0.05  # share of documents held out for validation
     data.shuffle_seed = 0  # seed of the global document shuffle
+    data.shuffle_window = 0  # packed rows permuted within windows of this many rows
     data.num_workers = 0  # grain worker processes (0 = in the main process)
     data.streams = 1  # packing streams per global batch; pods: a multiple of the hosts
 

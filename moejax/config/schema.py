@@ -141,9 +141,15 @@ class DataConfig:
     source: str = "builtin"  # "builtin" (stdlib sources), "text", "jsonl", "arrayrecord", "parquet"
     path: str = ""  # glob of input files for text / jsonl / arrayrecord / parquet
     text_field: str = "text"  # jsonl / arrayrecord field, or parquet column, of the text
-    tokenizer: str = "byte"  # "byte" or the path of a HuggingFace tokenizer.json
+    # "byte" (UTF-8 bytes, 259 ids), "bpe:N" (byte-level BPE of N ids trained on the train
+    # split, cached as <workdir>/tokenizer.json; moejax/data/bpe.py) or the path of a
+    # HuggingFace tokenizer.json
+    tokenizer: str = "byte"
     validation_fraction: float = 0.05  # share of documents held out (by hash of their name)
     shuffle_seed: int = 0  # seed of the global shuffle
+    # Packed train rows are permuted within windows of this many rows (per stream; 0 = off),
+    # so a batch mixes rows of many documents (moejax/data/window_shuffle.py)
+    shuffle_window: int = 0
     num_workers: int = 0  # grain worker processes per packing stream (0 = in the main process)
     # Packing streams making up each global batch (see moejax/data/streams.py): the batch
     # is the same whatever the process count; a process packs only the streams holding its
@@ -297,6 +303,12 @@ def validate_data(d: DataConfig) -> None:
            d.validation_fraction, "must be in [0, 1).")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0.")
     _check(d.streams >= 1, "data.streams", d.streams, "must be >= 1.")
+    _check(d.shuffle_window >= 0, "data.shuffle_window", d.shuffle_window,
+           "must be >= 0 (rows per shuffle window; 0 = off).")
+    if d.tokenizer.startswith("bpe:"):
+        from moejax.data.bpe import bpe_vocab_size  # raises ValueError naming the fix
+
+        bpe_vocab_size(d.tokenizer)
 
 
 def validate_train(t: TrainConfig, model: AnyModelConfig) -> None:

@@ -2,7 +2,8 @@
 
 Start-up (before any training work)::
 
-    tok = make_tokenizer(cfg.data.tokenizer)           # model.vocab_size >= tok.vocab_size
+    tok = tokenizer_for_run(cfg.data, workdir)         # model.vocab_size >= tok.vocab_size
+    save_tokenizer(tok, workdir)  # 'bpe:N': trained on the train split, cached for resume
     summary = check_enough_data(cfg.data, tok, cfg.train.seq_len, cfg.train.batch_size,
                                 jax.process_count())    # raises ValueError naming the fix
     train_it = make_train_iterator(cfg.data, tok, cfg.train.seq_len, cfg.train.batch_size,
@@ -25,6 +26,7 @@ moejax/data/streams.py); `rows` comes from the batch sharding
 Evaluation: `make_eval_iterator(...)` is one deterministic pass; build a fresh one per
 evaluation and take at most `summary.validation_batches` batches (the same on every host).
 """
+from moejax.data.bpe import TOKENIZER_FILE, save_tokenizer, tokenizer_for_run
 from moejax.data.pipeline import (
     DataSummary,
     check_enough_data,
@@ -49,13 +51,15 @@ from moejax.data.tokenizer import (
     Tokenizer,
     decoded_num_bytes,
     make_tokenizer,
+    token_bytes,
     unigram_bits_per_byte,
 )
 
 __all__ = [
     "ArrayRecordSource", "ByteTokenizer", "DataSummary", "FileDocuments", "GlobalBatchIterator",
-    "HFTokenizer", "JsonlSource", "ParquetSource", "Tokenizer", "builtin_source",
-    "check_enough_data", "decoded_num_bytes", "describe", "iterator_checkpoint_args", "make_eval_iterator", "make_source",
-    "make_tokenizer", "make_train_iterator", "stdlib_files", "text_source",
-    "unigram_bits_per_byte",
+    "HFTokenizer", "JsonlSource", "ParquetSource", "Tokenizer", "TOKENIZER_FILE",
+    "builtin_source", "check_enough_data", "decoded_num_bytes", "describe",
+    "iterator_checkpoint_args", "make_eval_iterator", "make_source", "make_tokenizer",
+    "make_train_iterator", "save_tokenizer", "stdlib_files", "text_source", "token_bytes",
+    "tokenizer_for_run", "unigram_bits_per_byte",
 ]

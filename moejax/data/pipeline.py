@@ -11,7 +11,9 @@ only the last row of a finite pass has padding. Per row:
 
 Train: the document order is a global shuffle with `data.shuffle_seed`, redrawn each
 epoch (seed + epoch), repeated forever, dealt into `data.streams` packing streams that
-fill each global batch in row blocks (moejax/data/streams.py). The global batch at step s
+fill each global batch in row blocks (moejax/data/streams.py). With
+`data.shuffle_window` = W > 1, each stream's packed rows are permuted within windows of W
+rows (moejax/data/window_shuffle.py), so a batch does not hold runs of one document. The global batch at step s
 does not depend on the number of processes: a process reads the rows its devices hold
 (`rows`, default: an equal contiguous share) from the streams that hold them. Packing runs
 across epoch boundaries, so no token is dropped.
@@ -36,6 +38,7 @@ from moejax.data.corpus import describe, make_source
 from moejax.data.streams import (GlobalBatchIterator, check_rows, contiguous_rows,
                                  global_state, stream_dataset)
 from moejax.data.tokenizer import Tokenizer
+from moejax.data.window_shuffle import WindowShuffle
 
 Batch = dict[str, np.ndarray]
 # Reader threads per process and documents read ahead. Measured on 2 CPU cores with the
@@ -167,6 +170,8 @@ def make_train_iterator(data_cfg: DataConfig, tokenizer: Tokenizer, seq_len: int
         ds = stream_dataset(documents, s, data_cfg.streams).map(_Tokenize(tokenizer))
         packed = _Pack(ds.to_iter_dataset(read_options or READ_OPTIONS), seq_len,
                        tokenizer.pad_id)
+        if data_cfg.shuffle_window > 1:
+            packed = WindowShuffle(packed, data_cfg.shuffle_window, (data_cfg.shuffle_seed, s))
         streams[s] = _finish(packed.batch(per_stream, drop_remainder=True),
                              data_cfg.num_workers)
     return GlobalBatchIterator(streams, per_stream, rows)

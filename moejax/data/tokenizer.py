@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import pathlib
-from typing import Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -77,23 +77,41 @@ class HFTokenizer:
         if not file.is_file():
             raise FileNotFoundError(
                 f"data.tokenizer={str(path)!r}: no tokenizer.json at {str(file)!r}; use "
-                "'byte' or the path of a HuggingFace tokenizer.json (or its folder).")
+                "'byte', 'bpe:N' or the path of a HuggingFace tokenizer.json (or its folder).")
         try:
-            self._tok = tokenizers.Tokenizer.from_file(str(file))
+            tok = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # the Rust error says what is wrong in the JSON
             raise ValueError(f"data.tokenizer={str(path)!r}: cannot load {file}: {e}") from e
-        self.path = str(file)
+        self._setup(tok, str(file))
+
+    @classmethod
+    def from_json(cls, text: str, name: str) -> "HFTokenizer":
+        """A tokenizer from the text of a tokenizer.json; `name` says where it came from."""
+        import tokenizers
+
+        self = cls.__new__(cls)
+        self._setup(tokenizers.Tokenizer.from_str(text), name)
+        return self
+
+    def to_json(self) -> str:
+        """The tokenizer.json text of this tokenizer."""
+        return self._tok.to_str()
+
+    def _setup(self, tok: Any, name: str) -> None:
+        self._tok = tok
+        self.path = name
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         eos = self._find(EOS_TOKENS)
         if eos is None:
             raise ValueError(
-                f"data.tokenizer={str(path)!r}: found no end-of-sequence token among "
+                f"data.tokenizer={name!r}: found no end-of-sequence token among "
                 f"{list(EOS_TOKENS)}; add one to the tokenizer (documents are separated by it).")
         self.eos_id = eos
         bos = self._find(BOS_TOKENS)
         self.bos_id = eos if bos is None else bos
         pad = self._find(PAD_TOKENS)
         self.pad_id = eos if pad is None else pad
+        self.id_bytes = _byte_level_table(tok, self.vocab_size)
 
     def _find(self, names: Sequence[str]) -> int | None:
         for name in names:
@@ -116,24 +134,80 @@ class HFTokenizer:
 
 
 def make_tokenizer(spec: str) -> Tokenizer:
-    """'byte' -> ByteTokenizer(); anything else is a tokenizer.json path (or its folder)."""
+    """'byte' -> ByteTokenizer(); anything else is a tokenizer.json path (or its folder).
+
+    'bpe:N' is trained per run: build it with `moejax.data.tokenizer_for_run`.
+    """
     if spec == "byte":
         return ByteTokenizer()
     if not spec:
-        raise ValueError("data.tokenizer='' is invalid: use 'byte' or a tokenizer.json path.")
+        raise ValueError("data.tokenizer='' is invalid: use 'byte', 'bpe:N' or a "
+                         "tokenizer.json path.")
+    if spec.startswith("bpe:"):
+        raise ValueError(f"data.tokenizer={spec!r} is trained per run: use "
+                         "moejax.data.tokenizer_for_run(cfg.data, workdir).")
     return HFTokenizer(spec)
+
+
+def _byte_level_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable character -> the byte it stands for.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes (controls, space, ...)
+    map to U+0100, U+0101, ... in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars = {b: b for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = 256 + n
+    return {chr(c): b for b, c in chars.items()}
+
+
+def _byte_level_table(tok: Any, vocab_size: int) -> list[bytes] | None:
+    """For a byte-level tokenizer (ByteLevel decoder): the bytes each id stands for
+    (b"" for special tokens); None for any other tokenizer."""
+    from tokenizers import decoders
+
+    if not isinstance(tok.decoder, decoders.ByteLevel):
+        return None
+    to_byte = _byte_level_unicode()
+    added = tok.get_added_tokens_decoder()
+    table = [b""] * vocab_size
+    for token, tid in tok.get_vocab(with_added_tokens=True).items():
+        if tid in added:
+            table[tid] = b"" if added[tid].special else token.encode("utf-8")
+        elif all(ch in to_byte for ch in token):
+            table[tid] = bytes(to_byte[ch] for ch in token)
+        else:
+            return None  # not a byte-level vocabulary after all: fall back to decoding
+    return table
+
+
+def token_bytes(tokenizer: Tokenizer, ids: Sequence[int] | np.ndarray) -> bytes:
+    """The UTF-8 bytes `ids` stand for, concatenated (special tokens stand for none).
+
+    Exact for the byte tokenizer and for byte-level BPEs (each id is a fixed byte string,
+    even where a character is split between ids or rows); otherwise the decoded text
+    re-encoded as UTF-8.
+    """
+    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if isinstance(tokenizer, ByteTokenizer):
+        return arr[arr < 256].astype(np.uint8).tobytes()
+    table = getattr(tokenizer, "id_bytes", None)
+    if table is not None:
+        return b"".join(table[i] for i in arr.tolist())
+    return tokenizer.decode(arr).encode("utf-8", errors="replace")
 
 
 def decoded_num_bytes(tokenizer: Tokenizer, ids: Sequence[int] | np.ndarray) -> int:
     """UTF-8 bytes that `ids` stand for (special tokens count 0): bits/byte denominator.
 
-    Exact for the byte tokenizer (one byte per id < 256, even for split characters);
-    otherwise the length of the decoded text re-encoded as UTF-8.
+    `len(token_bytes(tokenizer, ids))`: exact for the byte tokenizer and byte-level BPEs.
     """
     arr = np.asarray(ids).reshape(-1)
     if isinstance(tokenizer, ByteTokenizer):
         return int(np.count_nonzero(arr < 256))
-    return len(tokenizer.decode(arr).encode("utf-8", errors="replace"))
+    return len(token_bytes(tokenizer, arr))
 
 
 def _byte_counts(texts: Iterable[str]) -> np.ndarray:

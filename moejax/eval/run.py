@@ -2,10 +2,13 @@
 
 Writes `<workdir>/eval.json` with `step`, `loss` (validation cross-entropy, nats/token),
 `perplexity`, `bits_per_byte`, `unigram_bits_per_byte` (the byte-frequency baseline on
-the same bytes), `expert_load` (per MoE layer, each expert's share of the routed pairs),
-`samples` (greedy and nucleus samples from `prompt`, KV-cached decoding) and `plots`: the
-paths of `<workdir>/loss.png` (train and validation cross-entropy from metrics.jsonl) and
-`<workdir>/expert_load.png` (heatmap of `expert_load`), see moejax.plot.
+the same bytes), `gzip_bits_per_byte` and `xz_bits_per_byte` (Python's gzip at level 9
+and lzma at preset 9|EXTREME on exactly the UTF-8 bytes the bits/byte denominator
+counts, concatenated in order; moejax/eval/baselines.py), `expert_load` (per MoE layer,
+each expert's share of the routed pairs), `samples` (greedy and nucleus samples from
+`prompt`, KV-cached decoding) and `plots`: the paths of `<workdir>/loss.png` (train and
+validation cross-entropy from metrics.jsonl) and `<workdir>/expert_load.png` (heatmap of
+`expert_load`), see moejax.plot.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from moejax.config import Config, resolve
+from moejax.eval.baselines import compression_baselines
 from moejax.eval.generate import generate
 from moejax.plot import write_eval_plots
 from moejax.train.heldout import HeldOut, expert_usage_table, unigram_baseline
@@ -63,7 +67,7 @@ def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | os.PathL
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint.checkpoint_dir(workdir)}"
                                 "; train first (train.py --workdir ...).")
     checkpoint.check_compatible(workdir, cfg)
-    tokenizer, summary = check_inputs(cfg)
+    tokenizer, summary = check_inputs(cfg, workdir, train_tokenizer=False)
     batches = min(num_batches or cfg.train.eval_batches, summary.validation_batches)
     mesh = make_mesh(cfg.mesh)
     with use_mesh(mesh):
@@ -81,6 +85,7 @@ def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | os.PathL
         "perplexity": metrics["validation/perplexity"],
         "bits_per_byte": metrics["validation/bits_per_byte"],
         "unigram_bits_per_byte": unigram_baseline(cfg, metrics["evaluated_texts"]),
+        **compression_baselines(metrics["evaluated_bytes"]),
         "expert_load": metrics["expert_load"],
         "samples": samples,
     }
@@ -105,7 +110,9 @@ def summary_text(result: dict[str, Any], cfg: Config) -> str:
     lines = [f"step {result['step']}: loss {result['loss']:.4f} nats/token, perplexity "
              f"{result['perplexity']:.3f}",
              f"bits per byte {result['bits_per_byte']:.4f} (byte-unigram baseline "
-             f"{result['unigram_bits_per_byte']:.4f})"]
+             f"{result['unigram_bits_per_byte']:.4f})",
+             f"  same bytes: gzip -9 {result['gzip_bits_per_byte']:.4f}, xz -9e "
+             f"{result['xz_bits_per_byte']:.4f} bits per byte"]
     if result["expert_load"]:
         lines.append("expert usage:")
         lines.append(expert_usage_table(result["expert_load"], cfg.model.num_dense_layers))

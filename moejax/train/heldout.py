@@ -45,7 +45,12 @@ def make_heldout_step(setup: TrainSetup, batch_size: int, seq_len: int
 
 
 class HeldOut:
-    """Evaluates a state on the first `num_batches` batches of the validation split."""
+    """Evaluates a state on the first `num_batches` batches of the validation split.
+
+    with_details adds `expert_load`, `evaluated_texts` (each row's targets decoded) and
+    `evaluated_bytes`: exactly the bytes the bits/byte denominator counts (every row's
+    target bytes, `moedata.token_bytes`, concatenated in (batch, row) order).
+    """
 
     def __init__(self, setup: TrainSetup, cfg: Config, tokenizer: moedata.Tokenizer,
                  num_batches: int):
@@ -80,9 +85,10 @@ class HeldOut:
             out = jax.device_get(self.step(state, self.layout.to_global(host)))
             nll, count = nll + float(out["nll"]), count + float(out["count"])
             for row, targets in self.owned_targets(host):
-                num_bytes += moedata.decoded_num_bytes(self.tokenizer, targets)
-                if with_details:
-                    texts.append((b, row, self.tokenizer.decode(targets)))
+                raw = moedata.token_bytes(self.tokenizer, targets)
+                num_bytes += len(raw)
+                if with_details:  # the bytes travel as latin-1 text (JSON-safe, 1:1)
+                    texts.append((b, row, self.tokenizer.decode(targets), raw.decode("latin-1")))
             if "expert_load" in out:
                 loads.append(np.asarray(out["expert_load"]))
         if count == 0:
@@ -96,7 +102,8 @@ class HeldOut:
         if with_details:
             metrics["expert_load"] = np.mean(loads, axis=0).tolist() if loads else []
             every = sorted(tuple(t) for part in allgather_json(texts) for t in part)
-            metrics["evaluated_texts"] = [text for _, _, text in every]
+            metrics["evaluated_texts"] = [text for _, _, text, _ in every]
+            metrics["evaluated_bytes"] = "".join(raw for *_, raw in every).encode("latin-1")
         return metrics
 
 

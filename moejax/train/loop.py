@@ -55,9 +55,15 @@ from moejax.train.step import batch_sharding
 EvalHook = Callable[[TrainState, Config], Mapping[str, float]]
 
 
-def check_inputs(cfg: Config) -> tuple[moedata.Tokenizer, moedata.DataSummary]:
-    """Tokenizer and data summary; raises ValueError naming the fix (touches no file)."""
-    tokenizer = moedata.make_tokenizer(cfg.data.tokenizer)
+def check_inputs(cfg: Config, workdir: str | os.PathLike | None = None, *,
+                 train_tokenizer: bool = True
+                 ) -> tuple[moedata.Tokenizer, moedata.DataSummary]:
+    """Tokenizer and data summary; raises ValueError naming the fix (touches no file).
+
+    A 'bpe:N' tokenizer is read from `<workdir>/tokenizer.json` when there is one, else
+    trained in memory (with `train_tokenizer`; `moedata.save_tokenizer` writes it later).
+    """
+    tokenizer = moedata.tokenizer_for_run(cfg.data, workdir, train=train_tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -261,10 +267,11 @@ class UnwritableWorkdir(ValueError):
     """The workdir (or its checkpoint folder) cannot be written; nothing was trained."""
 
 
-def _write_config(workdir: epath.Path, cfg: Config) -> None:
-    """Creates the workdir and writes config.json, after checking that the checkpoint
-    folder takes a file (a probe, removed at once), so that a read-only workdir fails
-    here, naming the path, instead of at the first save."""
+def _write_config(workdir: epath.Path, cfg: Config, tokenizer: moedata.Tokenizer) -> None:
+    """Creates the workdir and writes config.json (and a freshly trained BPE's
+    tokenizer.json), after checking that the checkpoint folder takes a file (a probe,
+    removed at once), so that a read-only workdir fails here, naming the path, instead of
+    at the first save."""
     path = workdir
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -277,6 +284,8 @@ def _write_config(workdir: epath.Path, cfg: Config) -> None:
             path = workdir / "config.json"
             text = json.dumps(checkpoint.config_dict(cfg), indent=2)
             path.write_text(text + "\n", encoding="utf-8")
+            path = workdir / moedata.TOKENIZER_FILE
+            moedata.save_tokenizer(tokenizer, workdir)  # a trained 'bpe:N' (once)
     except OSError as e:
         raise UnwritableWorkdir(
             f"workdir {os.fspath(workdir)!r} cannot be written: {e.strerror or e} "
@@ -301,14 +310,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict | Config, workdir: str 
     """
     cfg = config if isinstance(config, Config) else resolve(config)
     workdir = as_path(workdir)  # a local folder or a URL (moejax.storage)
-    tokenizer, summary = check_inputs(cfg)
+    tokenizer, summary = check_inputs(cfg, workdir)
     wandb_tracker.check_available(cfg.train.wandb_project)
     mesh = make_mesh(cfg.mesh)
     with use_mesh(mesh):
         setup = make_setup(cfg, mesh)
         checkpoint.check_compatible(workdir, cfg)
         distributed.sync("moejax: workdir checked")  # before any process creates in it
-        _write_config(workdir, cfg)
+        _write_config(workdir, cfg, tokenizer)
         try:
             primary = jax.process_index() == 0
             writer = MetricsWriter(workdir, enabled=primary,
