@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/deepseek_v3.py: unknown variant {arg!r}; use '671b' or 'tiny'.")
     full = arg == "671b"
     cfg = load_config_file(str(pathlib.Path(__file__).with_name("tiny.py")))
+    cfg.data.tokenizer = "byte"  # vocab_size 384 below (tiny.py's quick start uses a BPE)
     cfg.model = _model(full)
     if full:  # MaxText's v5p recipe: v5p-1024 (512 chips), 6 x 8192 tokens per chip
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert = 1, -1, 8  # experts over 8-chip slices

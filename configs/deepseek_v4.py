@@ -100,6 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"configs/deepseek_v4.py: unknown variant {size!r}; "
                          "use flash, pro or tiny.")
     cfg = load_config_file(str(pathlib.Path(__file__).with_name("tiny.py")))
+    cfg.data.tokenizer = "byte"  # vocab_size 384 below (tiny.py's quick start uses a BPE)
     cfg.model = _model(size)
     if size == "flash":  # v5p-512 (256 chips): mesh fsdp 32 x expert 8, 2.1M tokens/step
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert = 1, -1, 8

@@ -43,6 +43,8 @@ SMALL_MODEL = [
     "model.head_dim=16", "model.mlp_hidden=128", "model.moe.num_experts=8",
     "model.moe.top_k=2", "model.moe.expert_hidden=32", "model.moe.group_size=32",
     "model.max_seq_len=256", "model.moe.balance_loss_coef=0.01", "model.moe.z_loss_coef=0.001",
+    # tiny.py's quick start trains a BPE per run and shuffles rows; tests keep raw bytes
+    "data.tokenizer=byte", "data.shuffle_window=0",
 ]
 
 

@@ -117,6 +117,7 @@ def save_tokenizer(tokenizer: Any, workdir: str | os.PathLike) -> None:
     does nothing for any other tokenizer."""
     if getattr(tokenizer, "unsaved", False):
         path = _cache_path(workdir)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(tokenizer.to_json(), encoding="utf-8")
         tokenizer.unsaved = False
 

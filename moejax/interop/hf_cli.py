@@ -162,7 +162,9 @@ def import_checkpoint(hf_dir: str, workdir: str, dtype: str = "auto",
                            frozen={c: variables[c] for c in FROZEN if c in variables})
         state = jax.device_put(state, setup.shardings)  # places the step; the rest is laid out
         del variables, params, opt_state
-        tokenizer = moedata.make_tokenizer(cfg.data.tokenizer)
+        tokenizer = moedata.tokenizer_for_run(cfg.data, work)  # 'bpe:N': trained now
+        if distributed.is_primary():
+            moedata.save_tokenizer(tokenizer, work)
         train_it = moedata.make_train_iterator(
             cfg.data, tokenizer, cfg.train.seq_len, cfg.train.batch_size,
             jax.process_index(), jax.process_count())
