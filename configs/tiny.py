@@ -15,7 +15,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
 
     cfg.model = model = ml_collections.ConfigDict()
-    model.vocab_size = 384  # byte tokenizer (259 ids), padded to a multiple of 128
+    model.vocab_size = 4096  # = the BPE's vocabulary (data.tokenizer); 384 for 'byte'
     model.embed_dim = 128  # D (256 ran 2.3x slower per token on 2 CPU cores)
     model.num_layers = 4  # 1 dense + 3 MoE
     model.num_dense_layers = 1  # DeepSeek first_k_dense_replace
@@ -80,10 +80,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.source = "builtin"  # Python stdlib sources (~12 MB of text), no download
     data.path = ""  # glob of input files (text / jsonl / arrayrecord sources)
     data.text_field = "text"  # JSON Lines field holding the document
-    data.tokenizer = "byte"  # raw UTF-8 bytes (259 ids)
+    # Byte-level BPE of 4096 ids trained on a 2 MB sample of the train split in ~1 s,
+    # cached in the workdir (3.4 bytes/token on held-out stdlib code); "byte": 259 ids
+    data.tokenizer = "bpe:4096"
     data.validation_fraction = 0.05  # share of documents held out for validation
     data.shuffle_seed = 0  # seed of the global document shuffle
-    data.shuffle_window = 0  # packed rows permuted within windows of this many rows
+    data.shuffle_window = 256  # packed rows permuted within windows of 256 rows (16 batches)
     data.num_workers = 0  # grain worker processes (0 = in the main process)
     data.streams = 1  # packing streams per global batch; pods: a multiple of the hosts
 
