@@ -13,10 +13,10 @@ Train: the document order is a global shuffle with `data.shuffle_seed`, redrawn 
 epoch (seed + epoch), repeated forever, dealt into `data.streams` packing streams that
 fill each global batch in row blocks (moejax/data/streams.py). With
 `data.shuffle_window` = W > 1, each stream's packed rows are permuted within windows of W
-rows (moejax/data/window_shuffle.py), so a batch does not hold runs of one document. The global batch at step s
-does not depend on the number of processes: a process reads the rows its devices hold
-(`rows`, default: an equal contiguous share) from the streams that hold them. Packing runs
-across epoch boundaries, so no token is dropped.
+rows (moejax/data/window_shuffle.py), so a batch does not hold runs of one document.
+The global batch at step s does not depend on the number of processes: a process reads
+the rows its devices hold (`rows`, default: an equal contiguous share) from the streams
+that hold them. Packing runs across epoch boundaries, so no token is dropped.
 
 Eval: one deterministic pass over the validation split in index order. Every host packs
 the whole split and keeps its rows of each global batch, so every host yields the same
