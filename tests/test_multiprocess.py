@@ -196,7 +196,8 @@ def test_eval_in_two_processes_gives_the_one_process_result(runs, tmp_path):
         codes = wait_all(launch(args, processes, devices, log), log)
         assert codes == [0] * processes, pathlib.Path(f"{log}.0").read_text()[-3000:]
     got, want = (json.loads((w / "eval.json").read_text()) for w in (two, copy))
-    for name in ("loss", "perplexity", "bits_per_byte", "unigram_bits_per_byte"):
+    for name in ("loss", "perplexity", "bits_per_byte", "unigram_bits_per_byte",
+                 "gzip_bits_per_byte", "xz_bits_per_byte"):
         assert got[name] == pytest.approx(want[name], rel=RTOL), name
     assert got["step"] == want["step"] == 2
 

@@ -206,14 +206,14 @@ def test_train_py_writes_config_metrics_tensorboard_and_checkpoint(tmp_path):
                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((workdir / "eval.json").read_text())
-    assert {"step", "loss", "perplexity", "bits_per_byte", "expert_load",
-            "samples"} <= set(result)
+    assert {"step", "loss", "perplexity", "bits_per_byte", "gzip_bits_per_byte",
+            "xz_bits_per_byte", "expert_load", "samples"} <= set(result)
     assert set(result["plots"]) == {"loss", "expert_load"}
     for path in result["plots"].values():
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n", path
     assert result["step"] == 4 and math.isfinite(result["bits_per_byte"])
     assert len(result["expert_load"]) == 2 and len(result["samples"]) == 2
-    assert "bits per byte" in proc.stdout
+    assert "bits per byte" in proc.stdout and "gzip -9" in proc.stdout
 
 
 def test_unknown_command_line_field_is_an_error(tmp_path):

@@ -39,7 +39,9 @@ def _define_flags() -> _Flags:
         config=define_config_flag(),
         workdir=flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.",
                                     required=True),
-        prompt=flags.DEFINE_string("prompt", "def ", "Prompt of the samples."),
+        # No trailing space: a BPE writes a space with the word after it, so a prompt
+        # ending in one starts off text the model rarely saw (tiny.py: junk after "def ").
+        prompt=flags.DEFINE_string("prompt", "def", "Prompt of the samples."),
         max_new_tokens=flags.DEFINE_integer("max_new_tokens", 200,
                                             "Tokens generated per sample."),
         num_batches=flags.DEFINE_integer("num_batches", None, "Validation batches "

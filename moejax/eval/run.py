@@ -57,7 +57,7 @@ def _on_host(tree: Any) -> Any:
 
 
 def evaluate(config: ml_collections.ConfigDict | Config, workdir: str | os.PathLike, *,
-             prompt: str = "def ", max_new_tokens: int = 200, num_batches: int | None = None,
+             prompt: str = "def", max_new_tokens: int = 200, num_batches: int | None = None,
              seed: int = 0) -> dict[str, Any]:
     """Evaluates the newest checkpoint of `workdir`; returns what it writes to eval.json."""
     cfg = config if isinstance(config, Config) else resolve(config)
