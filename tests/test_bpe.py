@@ -154,3 +154,27 @@ def test_heldout_evaluated_bytes_are_the_denominator(tmp_path):
     nll = metrics["validation/bits_per_byte"] * np.log(2) * len(want)
     count = sum(len(t) for t in targets)
     np.testing.assert_allclose(nll / count, metrics["validation/cross_entropy"], rtol=1e-5)
+
+
+@pytest.mark.slow  # trains twice and evaluates (~1 min on 2 busy cores)
+def test_train_resume_and_evaluate_share_the_workdir_bpe(tmp_path):
+    """train.py trains and saves the BPE; the resumed run and eval.py load that file."""
+    from conftest import small_config
+    from moejax.eval import evaluate
+    from moejax.train import train_and_evaluate
+
+    data = corpus(tmp_path / "c", n=40)
+    overrides = ["data.source='text'", f"data.path='{data.path}'",
+                 f"data.tokenizer='bpe:{VOCAB}'", "data.validation_fraction=0.3",
+                 "model.vocab_size=384", "train.batch_size=8", "train.seq_len=32",
+                 "train.eval_batches=1", "optimizer.decay='constant'"]
+    work = tmp_path / "run"
+    train_and_evaluate(small_config(*overrides, "train.steps=2"), work)
+    saved = (work / TOKENIZER_FILE).read_text()
+    assert saved == bpe_tokenizer(data, None).to_json()
+    (tmp_path / "c" / "zzz.py").write_text("another_identifier = 2\n" * 50)  # new sample
+    assert train_and_evaluate(small_config(*overrides, "train.steps=4"), work)["step"] == 4
+    assert (work / TOKENIZER_FILE).read_text() == saved
+    result = evaluate(small_config(*overrides, "train.steps=4"), work, max_new_tokens=4)
+    assert result["step"] == 4 and result["bits_per_byte"] > 0
+    assert result["gzip_bits_per_byte"] > 0 and result["xz_bits_per_byte"] > 0
