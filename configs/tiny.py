@@ -92,7 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.tokenizer = "bpe:4096"
     data.validation_fraction = 0.05  # share of documents held out for validation
     data.shuffle_seed = 0  # seed of the global document shuffle
-    data.shuffle_window = 256  # packed rows permuted within windows of 256 rows (16 batches)
+    # Packed rows permuted within windows of 256 rows (16 batches). 100-step runs, bpe:4096:
+    # 2.64 held-out bits/byte without it, 2.14 with it (byte tokenizer, no window: 3.69)
+    data.shuffle_window = 256
     data.num_workers = 0  # grain worker processes (0 = in the main process)
     data.streams = 1  # packing streams per global batch; pods: a multiple of the hosts
 

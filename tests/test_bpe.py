@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import lzma
 
 import numpy as np
@@ -156,9 +157,10 @@ def test_heldout_evaluated_bytes_are_the_denominator(tmp_path):
     np.testing.assert_allclose(nll / count, metrics["validation/cross_entropy"], rtol=1e-5)
 
 
-@pytest.mark.slow  # trains twice and evaluates (~1 min on 2 busy cores)
+@pytest.mark.slow  # trains three times and evaluates (~3 min on 2 busy cores)
 def test_train_resume_and_evaluate_share_the_workdir_bpe(tmp_path):
-    """train.py trains and saves the BPE; the resumed run and eval.py load that file."""
+    """train.py trains and saves the BPE; the resumed run and eval.py load that file; the
+    resumed run (window-shuffled rows) logs the losses of a straight run bitwise."""
     from conftest import small_config
     from moejax.eval import evaluate
     from moejax.train import train_and_evaluate
@@ -167,14 +169,20 @@ def test_train_resume_and_evaluate_share_the_workdir_bpe(tmp_path):
     overrides = ["data.source='text'", f"data.path='{data.path}'",
                  f"data.tokenizer='bpe:{VOCAB}'", "data.validation_fraction=0.3",
                  "model.vocab_size=384", "train.batch_size=8", "train.seq_len=32",
-                 "train.eval_batches=1", "optimizer.decay='constant'"]
+                 "train.eval_batches=1", "train.log_every=1", "data.shuffle_window=4",
+                 "optimizer.decay='constant'", "optimizer.warmup_steps=1"]  # 2 + 2 = 4 steps
     work = tmp_path / "run"
     train_and_evaluate(small_config(*overrides, "train.steps=2"), work)
     saved = (work / TOKENIZER_FILE).read_text()
+    written = (work / TOKENIZER_FILE).stat().st_mtime_ns
     assert saved == bpe_tokenizer(data, None).to_json()
-    (tmp_path / "c" / "zzz.py").write_text("another_identifier = 2\n" * 50)  # new sample
     assert train_and_evaluate(small_config(*overrides, "train.steps=4"), work)["step"] == 4
-    assert (work / TOKENIZER_FILE).read_text() == saved
+    assert (work / TOKENIZER_FILE).stat().st_mtime_ns == written, "read, not rewritten"
+    straight = tmp_path / "straight"
+    train_and_evaluate(small_config(*overrides, "train.steps=4"), straight)
+    losses = [[r["loss"] for r in map(json.loads, (w / "metrics.jsonl").read_text().split(
+        "\n")[:-1]) if "loss" in r and r["step"] > 2] for w in (work, straight)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
     result = evaluate(small_config(*overrides, "train.steps=4"), work, max_new_tokens=4)
     assert result["step"] == 4 and result["bits_per_byte"] > 0
     assert result["gzip_bits_per_byte"] > 0 and result["xz_bits_per_byte"] > 0
