@@ -7,18 +7,13 @@ from __future__ import annotations
 
 import sys
 
-try:
-    from moejax.interop.hf_cli import main
-    _MISSING: ModuleNotFoundError | None = None
-except ModuleNotFoundError as error:  # the optional `hf` extra is not installed
-    if error.name != "safetensors":
-        raise
-    _MISSING = error
+from moejax.interop.hf_cli import main
 
 
 def run() -> None:
     """The console script `moejax-hf`."""
-    if _MISSING is not None:
-        sys.exit(f"moejax-hf: {_MISSING.name} is not installed; "
-                 "pip install 'moejax[hf]' brings it.")
+    try:
+        import safetensors  # noqa: F401 - the optional `hf` extra; read only when used
+    except ImportError:
+        sys.exit("moejax-hf: safetensors is not installed; pip install 'moejax[hf]' brings it.")
     main()

@@ -15,6 +15,7 @@ import ml_collections
 from moejax.config.checks import check as _check
 from moejax.config.checks import choice as _choice
 from moejax.config.choices import (
+    bpe_vocab_size,
     ARCHITECTURES,
     ATTENTION_IMPLS,
     ATTENTION_TYPES,
@@ -305,10 +306,7 @@ def validate_data(d: DataConfig) -> None:
     _check(d.streams >= 1, "data.streams", d.streams, "must be >= 1.")
     _check(d.shuffle_window >= 0, "data.shuffle_window", d.shuffle_window,
            "must be >= 0 (rows per shuffle window; 0 = off).")
-    if d.tokenizer.startswith("bpe:"):
-        from moejax.data.bpe import bpe_vocab_size  # raises ValueError naming the fix
-
-        bpe_vocab_size(d.tokenizer)
+    bpe_vocab_size(d.tokenizer)  # a malformed "bpe:N" raises ValueError naming the fix
 
 
 def validate_train(t: TrainConfig, model: AnyModelConfig) -> None:

@@ -16,38 +16,25 @@ Training on the ~2 MB sample takes a few seconds on 2 CPU cores.
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Iterable
 
 import numpy as np
 
 from moejax.config import DataConfig
-from moejax.data.tokenizer import HFTokenizer
+from moejax.config.choices import BPE_MIN_VOCAB, bpe_vocab_size  # noqa: F401 (re-exported)
+from moejax.data.corpus import make_source
+from moejax.data.tokenizer import HFTokenizer, make_tokenizer
+from moejax.storage import as_path
 
-BPE_PREFIX = "bpe:"
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ("<|endoftext|>", "<pad>")  # ids 0 (eos = bos) and 1 (pad)
 SAMPLE_BYTES = 2_000_000  # training text the merges are learnt from (~3 s on 2 CPU cores)
-MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the specials
-
-
-def bpe_vocab_size(spec: str) -> int | None:
-    """4096 for "bpe:4096"; None for a spec that is not a BPE spec; ValueError if malformed."""
-    if not spec.startswith(BPE_PREFIX):
-        return None
-    match = re.fullmatch(r"bpe:(\d+)", spec)
-    if match is None or int(match.group(1)) < MIN_VOCAB:
-        raise ValueError(f"data.tokenizer={spec!r} is invalid: use 'bpe:N' with N >= "
-                         f"{MIN_VOCAB} (the 256 bytes plus {len(SPECIAL_TOKENS)} special "
-                         "tokens), e.g. 'bpe:4096'.")
-    return int(match.group(1))
+assert BPE_MIN_VOCAB == 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the specials
 
 
 def training_sample(data_cfg: DataConfig, max_bytes: int = SAMPLE_BYTES) -> list[str]:
     """Train-split documents in a seeded random order (`data.shuffle_seed`) until
     `max_bytes` UTF-8 bytes; the same list on every call and every machine."""
-    from moejax.data.corpus import make_source  # the readers load only when called
-
     source = make_source(data_cfg, "train")
     order = np.random.default_rng(data_cfg.shuffle_seed).permutation(len(source))
     texts, total = [], 0
@@ -123,8 +110,6 @@ def save_tokenizer(tokenizer: Any, workdir: str | os.PathLike) -> None:
 
 
 def _cache_path(workdir: str | os.PathLike) -> Any:
-    from moejax.storage import as_path
-
     return as_path(workdir) / TOKENIZER_FILE
 
 
@@ -132,8 +117,6 @@ def tokenizer_for_run(data_cfg: DataConfig, workdir: str | os.PathLike | None = 
                       *, train: bool = True) -> Any:
     """The tokenizer of `data.tokenizer` for a run in `workdir`: 'byte', a tokenizer.json
     path (`make_tokenizer`), or 'bpe:N' (`bpe_tokenizer`: cached or freshly trained)."""
-    from moejax.data.tokenizer import make_tokenizer
-
     if bpe_vocab_size(data_cfg.tokenizer) is not None:
         return bpe_tokenizer(data_cfg, workdir, train=train)
     return make_tokenizer(data_cfg.tokenizer)

@@ -20,8 +20,6 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -105,6 +103,8 @@ class CheckpointReader:
             raw = np.fromfile(path, dtype=np.uint8, count=end - start, offset=base + start)
             return raw.view(RAW_DTYPES[info["dtype"]]).reshape(info["shape"])
         if path not in self._handles:
+            from safetensors import safe_open  # the optional `hf` extra, needed from here
+
             self._handles[path] = safe_open(str(path), framework="np")
         return self._handles[path].get_tensor(name)
 
@@ -149,6 +149,8 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         path = self.directory / f".shard-{len(self._shards):05d}.tmp"
+        from safetensors.numpy import save_file  # the optional `hf` extra, needed from here
+
         save_file(self._pending, str(path), metadata={"format": "pt"})
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
