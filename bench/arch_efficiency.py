@@ -21,7 +21,7 @@ One compile per run kind (the seeds reuse it; bench/train_curves.py). Writes
 stopped run leaves its partial curves), `<out>/arch_efficiency.png` and prints a markdown
 table.
 
-    python bench/arch_efficiency.py [--steps 400] [--eval-every 50] [--seeds 2]
+    python bench/arch_efficiency.py [--steps 300] [--eval-every 25] [--seeds 2]
         [--out runs/arch_efficiency] [--only v3,v4]
     python bench/arch_efficiency.py --quick     # a few minutes: 20 steps, 1 seed
 """
@@ -48,17 +48,17 @@ from train_curves import (CompiledTrainer, efficiency_gain, flops_to_target,  # 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = "configs/arch_small.py"
 HEADLINE = ("v3", "v4")
-# name -> (config variant, overrides, multi-seed?, what it is)
-RUNS: dict[str, tuple[str, tuple[str, ...], bool, str]] = {
-    "v3": ("v3", (), True, "V3: MLA, sigmoid routing, AdamW"),
-    "v4": ("v4", (), True, "V4: CSA/HCA, mHC, hash layers, sqrtsoftplus, Muon"),
-    "v3+muon": ("v3", ("optimizer.name='muon'",), False, "V3 with V4's optimizer (Muon)"),
-    "v4+adamw": ("v4", ("optimizer.name='adamw'",), False,
+# name -> (config variant, overrides, what it is); HEADLINE runs get --seeds seeds, others 1
+RUNS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "v3": ("v3", (), "V3: MLA, sigmoid routing, AdamW"),
+    "v4": ("v4", (), "V4: CSA/HCA, mHC, hash layers, sqrtsoftplus, Muon"),
+    "v3+muon": ("v3", ("optimizer.name='muon'",), "V3 with V4's optimizer (Muon)"),
+    "v4+adamw": ("v4", ("optimizer.name='adamw'",),
                  "V4 with V3's optimizer (AdamW) = V4 without Muon"),
-    "v4-mhc": ("v4", ("model.hc.hc_mult=1",), False, "V4 without mHC (one residual stream)"),
+    "v4-mhc": ("v4", ("model.hc.hc_mult=1",), "V4 without mHC (one residual stream)"),
     "v4-compressed": ("v4", ("model.attention.layer_types=('sliding','sliding','sliding',"
                              "'sliding')", "model.attention.sliding_window=256",
-                             "model.attention.indexer_loss_coef=0.0"), False,
+                             "model.attention.indexer_loss_coef=0.0"),
                       "V4 without compressed attention (full causal window)"),
 }
 
@@ -69,32 +69,35 @@ def make_config(variant: str, overrides: tuple[str, ...], args: argparse.Namespa
     return cfg
 
 
-def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    """Target, FLOPs to target per run (per seed and spread), gains over v3."""
-    finals = [s["points"][-1]["bits_per_byte"] for name in HEADLINE if name in results
-              for s in results[name]["seeds"] if s["points"]]
+def complete(seed_run: dict[str, Any], steps: int) -> bool:
+    return bool(seed_run["points"]) and seed_run["points"][-1]["step"] == steps
+
+
+def summarise(results: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Target, FLOPs to target per run (per seed and spread), gains over v3; only seeds
+    that ran all `steps` count (a stopped run's partial curve stays in the JSON)."""
+    done = {name: [s for s in r["seeds"] if complete(s, steps)] for name, r in results.items()}
+    finals = [s["points"][-1]["bits_per_byte"] for name in HEADLINE for s in done.get(name, [])]
     if not finals:
         return {}
     target = max(finals)
     summary: dict[str, Any] = {"target_bits_per_byte": target, "runs": {}}
-    for name, r in results.items():
-        per_seed = [flops_to_target(s["points"], target) for s in r["seeds"] if s["points"]]
-        reached = [f for f in per_seed if f is not None]
-        finals = [s["points"][-1]["bits_per_byte"] for s in r["seeds"] if s["points"]]
-        walls = [s["points"][-1]["train_wall_s"] for s in r["seeds"] if s["points"]]
-        cpus = [s["points"][-1]["train_cpu_s"] for s in r["seeds"] if s["points"]]
+    for name, seeds in done.items():
+        if not seeds:
+            continue
+        per_seed = [flops_to_target(s["points"], target) for s in seeds]
+        last = [s["points"][-1] for s in seeds]
         summary["runs"][name] = {
-            "seeds": len(finals), "flops_to_target": per_seed,
-            "flops_to_target_spread": spread(reached) if len(reached) == len(per_seed) and reached
-            else None,
-            "final_bits_per_byte": spread(finals) if finals else None,
-            "train_wall_s": spread(walls) if walls else None,
-            "train_cpu_s": spread(cpus) if cpus else None}
-    base = summary["runs"].get("v3", {}).get("flops_to_target_spread")
-    for name, s in summary["runs"].items():
-        ok = base and s["flops_to_target_spread"]
-        s["gain_over_v3"] = (efficiency_gain(summary["runs"]["v3"]["flops_to_target"],
-                                             s["flops_to_target"]) if ok else None)
+            "seeds": len(seeds), "flops_to_target": per_seed,
+            "flops_to_target_spread": (spread(per_seed) if None not in per_seed else None),
+            "final_bits_per_byte": spread([p["bits_per_byte"] for p in last]),
+            "train_wall_s": spread([p["train_wall_s"] for p in last]),
+            "train_cpu_s": spread([p["train_cpu_s"] for p in last])}
+    runs = summary["runs"]
+    base = runs.get("v3", {}).get("flops_to_target_spread")
+    for s in runs.values():
+        s["gain_over_v3"] = (efficiency_gain(runs["v3"]["flops_to_target"], s["flops_to_target"])
+                             if base and s["flops_to_target_spread"] else None)
     return summary
 
 
@@ -110,9 +113,11 @@ def table(results: dict[str, Any], summary: dict[str, Any]) -> str:
     lines = [f"Target: {summary['target_bits_per_byte']:.4f} bits/byte (the worst final value "
              "of the v3 / v4 runs). Mean (min-max) over seeds.", "",
              "| run | seeds | FLOPs/token | final bits/byte | FLOPs to target | gain over v3 "
-             "| train wall s | train CPU s | compile s |",
+             "| train wall s | train CPU s | compile wall / CPU s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
+        if name not in summary["runs"]:
+            continue
         s = summary["runs"][name]
         gain = s["gain_over_v3"]
         gain_text = "-" if gain is None else (
@@ -123,7 +128,7 @@ def table(results: dict[str, Any], summary: dict[str, Any]) -> str:
             f"{_fmt_spread(s['final_bits_per_byte'], '.4f')} | "
             f"{_fmt_spread(s['flops_to_target_spread'], '.3g')} | {gain_text} | "
             f"{_fmt_spread(s['train_wall_s'], '.0f')} | {_fmt_spread(s['train_cpu_s'], '.0f')} | "
-            f"{r['compile_s']:.0f} |")
+            f"{r['compile_s']:.0f} / {r['compile_cpu_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -169,66 +174,88 @@ def machine() -> dict[str, Any]:
             "load_average_start": os.getloadavg(), "argv": sys.argv}
 
 
+def schedule(names: list[str], seeds: int) -> list[tuple[str, int]]:
+    """(run, seed) in the order they train: the first seed of v3 and v4, then the V4
+    optimizer swap, then the other seeds of v3 / v4, then the remaining runs, so that a
+    run stopped early has the headline comparison first."""
+    first = [(n, 0) for n in names if n in HEADLINE]
+    swap = [(n, 0) for n in names if n == "v4+adamw"]
+    more = [(n, s) for s in range(1, seeds) for n in names if n in HEADLINE]
+    rest = [(n, 0) for n in names if n not in HEADLINE and n != "v4+adamw"]
+    return first + swap + more + rest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-batches", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=2, help="seeds of v3 and v4")
-    parser.add_argument("--only", default="", help="comma-separated run names")
+    parser.add_argument("--only", default="", help=f"comma-separated runs of {list(RUNS)}")
     parser.add_argument("--quick", action="store_true",
-                        help="20 steps, validation every 10 on 2 batches, 1 seed")
+                        help="v3 and v4 only (unless --only), 20 steps, validation every 10 "
+                        "on 2 batches, 1 seed")
     parser.add_argument("--out", default="runs/arch_efficiency")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.eval_every, args.eval_batches, args.seeds = 20, 10, 2, 1
-    names = [n for n in (args.only.split(",") if args.only else RUNS)]
+        args.only = args.only or ",".join(HEADLINE)
+    names = args.only.split(",") if args.only else list(RUNS)
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         parser.error(f"--only: unknown runs {unknown}; choose from {list(RUNS)}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    trainers: dict[str, CompiledTrainer] = {}
     meta = {**machine(), "steps": args.steps, "eval_every": args.eval_every,
             "eval_batches": args.eval_batches}
+    started = time.perf_counter(), time.process_time()
 
     def save() -> None:
+        meta["elapsed_wall_s"] = time.perf_counter() - started[0]
+        meta["elapsed_cpu_s"] = time.process_time() - started[1]
         doc = {"meta": {**meta, "load_average_now": os.getloadavg()},
-               "summary": summarise(results), "runs": results}
+               "summary": summarise(results, args.steps), "runs": results}
         (out / "arch_efficiency.json").write_text(json.dumps(doc, indent=1) + "\n")
 
-    started = time.perf_counter(), time.process_time()
-    for name in names:
-        variant, overrides, multi, about = RUNS[name]
-        raw = make_config(variant, overrides, args)
-        trainer = CompiledTrainer(resolve(raw))
-        r = results[name] = {
-            "about": about, "config": f"{CONFIG}:{variant}", "overrides": list(overrides),
-            "flops_per_token": trainer.flops_per_token,
-            "plan_flops_per_token": plan(raw)["flops_per_token"],
-            "tokens_per_step": trainer.tokens_per_step, "compile_s": 0.0, "seeds": []}
-        for seed in range(args.seeds if multi else 1):
-            run = {"seed": seed, "points": []}
-            r["seeds"].append(run)
+    order = schedule(names, args.seeds)
+    for i, (name, seed) in enumerate(order):
+        variant, overrides, about = RUNS[name]
+        if name not in trainers:
+            raw = make_config(variant, overrides, args)
+            trainers[name] = CompiledTrainer(resolve(raw))
+            results[name] = {
+                "about": about, "config": f"{CONFIG}:{variant}", "overrides": list(overrides),
+                "flops_per_token": trainers[name].flops_per_token,
+                "plan_flops_per_token": plan(raw)["flops_per_token"],
+                "tokens_per_step": trainers[name].tokens_per_step,
+                "compile_s": 0.0, "compile_cpu_s": 0.0, "seeds": []}
+        trainer, r = trainers[name], results[name]
+        run = {"seed": seed, "points": []}
+        r["seeds"].append(run)
 
-            def on_point(p: dict[str, float], run: dict[str, Any] = run) -> None:
-                run["points"].append(p)
-                r["compile_s"] = trainer.compile_s
-                print(f"{name} seed {seed} step {p['step']}: {p['bits_per_byte']:.4f} "
-                      f"bits/byte ({p['train_wall_s']:.0f} s wall, "
-                      f"{p['train_cpu_s']:.0f} s CPU)", flush=True)
-                save()
-            trainer.run(seed, args.eval_every, on_point)
-        summary = summarise(results)
+        def on_point(p: dict[str, float], run: dict[str, Any] = run, name: str = name,
+                     seed: int = seed) -> None:
+            run["points"].append(p)
+            r = results[name]
+            r["compile_s"], r["compile_cpu_s"] = trainers[name].compile_s, \
+                trainers[name].compile_cpu_s
+            print(f"{name} seed {seed} step {p['step']}: {p['bits_per_byte']:.4f} "
+                  f"bits/byte ({p['train_wall_s']:.0f} s wall, "
+                  f"{p['train_cpu_s']:.0f} s CPU)", flush=True)
+            save()
+        trainer.run(seed, args.eval_every, on_point)
+        if all(later != name for later, _ in order[i + 1:]):
+            del trainers[name]  # no more seeds of it: free its compiled steps
+        summary = summarise(results, args.steps)
         if summary:
             plot(results, summary, out / "arch_efficiency.png")
-    meta["total_wall_s"] = time.perf_counter() - started[0]
-    meta["total_cpu_s"] = time.process_time() - started[1]
     save()
-    summary = summarise(results)
+    summary = summarise(results, args.steps)
     print(f"\n{meta['date']}, {args.steps} steps, load average at start "
-          f"{meta['load_average_start'][0]:.1f}, end {os.getloadavg()[0]:.1f}; "
-          f"total {meta['total_wall_s']:.0f} s wall, {meta['total_cpu_s']:.0f} s CPU\n")
+          f"{meta['load_average_start'][0]:.1f}, at the end {os.getloadavg()[0]:.1f}; "
+          f"total {meta['elapsed_wall_s']:.0f} s wall, {meta['elapsed_cpu_s']:.0f} s CPU\n")
     if summary:
         print(table(results, summary))
 

@@ -26,8 +26,11 @@ What differs is each architecture's own, from its paper (docs/deepseek_v3_v4.md)
   residual streams; sqrtsoftplus scoring, routed scaling 1.5, SwiGLU clamp 10; Muon
   (Nesterov momentum 0.95, 5 Newton-Schulz steps) on matrices, AdamW on the rest.
 
-Training FLOPs per token at seq_len 256 (`moejax.plan`): v3 6.69e6, v4 6.69e6 (v3's dense
-layer width, 552, is chosen to match v4's).
+Training FLOPs per token at seq_len 256 (`moejax.plan`): v3 7,044,096, v4 7,045,120. V3's
+dense-layer width (436) is the integer that comes closest to v4's figure (within 0.015 %;
+one unit of it is 6 * 3 * 128 = 2304 FLOPs). Parameters: v3 1.56M total (0.85M active),
+v4 2.01M total (1.08M active): at equal FLOPs V4 holds more active weights, because its
+attention over 32 window keys + compressed entries costs less than MLA over all 256 keys.
 """
 from __future__ import annotations
 
