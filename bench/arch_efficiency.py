@@ -132,7 +132,9 @@ def table(results: dict[str, Any], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], summary: dict[str, Any], path: pathlib.Path) -> None:
+def plot(results: dict[str, Any], summary: dict[str, Any], path: pathlib.Path,
+         steps: int = 0) -> None:
+    """One line per run (seeds thin, their mean thick); `steps` > 0 marks stopped runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -144,7 +146,8 @@ def plot(results: dict[str, Any], summary: dict[str, Any], path: pathlib.Path) -
             ax.plot([p["train_flops"] for p in s["points"]],
                     [p["bits_per_byte"] for p in s["points"]], color=color,
                     lw=0.8 if len(seeds) > 1 else 1.8, alpha=0.5 if len(seeds) > 1 else 1.0,
-                    label=None if len(seeds) > 1 else name)
+                    label=None if len(seeds) > 1 else
+                    name + (" (stopped)" if steps and not complete(s, steps) else ""))
         if len(seeds) > 1:  # mean over the seeds' common evaluation points
             n = min(len(s["points"]) for s in seeds)
             ax.plot([seeds[0]["points"][j]["train_flops"] for j in range(n)],
@@ -159,13 +162,29 @@ def plot(results: dict[str, Any], summary: dict[str, Any], path: pathlib.Path) -
     ax.set_title("configs/arch_small.py: DeepSeek-V3 vs V4 shapes, matched FLOPs/token")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    lo = min((p["bits_per_byte"] for r in results.values() for s in r["seeds"]
-              for p in s["points"]), default=0)
-    if summary:
-        ax.set_ylim(lo - 0.05, summary["target_bits_per_byte"] + 1.0)
+    values = [p["bits_per_byte"] for r in results.values() for s in r["seeds"]
+              for p in s["points"]]
+    if summary and values:  # the first evaluations can be far above the rest: cap the axis
+        ax.set_ylim(min(values) - 0.05, min(max(values), summary["target_bits_per_byte"] + 2.0)
+                    + 0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(path: pathlib.Path) -> None:
+    """PNG and table of a written JSON; seeds that stopped early are left out of both."""
+    doc = json.loads(path.read_text())
+    steps = doc["meta"]["steps"]
+    summary = summarise(doc["runs"], steps)
+    plot(doc["runs"], summary, path.with_suffix(".png"), steps)
+    meta = doc["meta"]
+    print(f"{meta['date']}, {steps} steps, load average at start "
+          f"{meta['load_average_start'][0]:.1f}, at the last write "
+          f"{meta['load_average_now'][0]:.1f}; {meta['elapsed_wall_s']:.0f} s wall, "
+          f"{meta['elapsed_cpu_s']:.0f} s CPU so far\n")
+    if summary:
+        print(table(doc["runs"], summary))
 
 
 def machine() -> dict[str, Any]:
@@ -196,7 +215,13 @@ def main() -> None:
                         help="v3 and v4 only (unless --only), 20 steps, validation every 10 "
                         "on 2 batches, 1 seed")
     parser.add_argument("--out", default="runs/arch_efficiency")
+    parser.add_argument("--replot", metavar="JSON", default="",
+                        help="only redraw the PNG (next to JSON) and print the table of a "
+                        "written arch_efficiency.json (also a partial one)")
     args = parser.parse_args()
+    if args.replot:
+        replot(pathlib.Path(args.replot))
+        return
     if args.quick:
         args.steps, args.eval_every, args.eval_batches, args.seeds = 20, 10, 2, 1
         args.only = args.only or ",".join(HEADLINE)
@@ -250,7 +275,7 @@ def main() -> None:
             del trainers[name]  # no more seeds of it: free its compiled steps
         summary = summarise(results, args.steps)
         if summary:
-            plot(results, summary, out / "arch_efficiency.png")
+            plot(results, summary, out / "arch_efficiency.png", args.steps)
     save()
     summary = summarise(results, args.steps)
     print(f"\n{meta['date']}, {args.steps} steps, load average at start "
