@@ -92,7 +92,9 @@ def summarise(results: dict[str, Any], steps: int) -> dict[str, Any]:
             "flops_to_target_spread": (spread(per_seed) if None not in per_seed else None),
             "final_bits_per_byte": spread([p["bits_per_byte"] for p in last]),
             "train_wall_s": spread([p["train_wall_s"] for p in last]),
-            "train_cpu_s": spread([p["train_cpu_s"] for p in last])}
+            "train_cpu_s": spread([p["train_cpu_s"] for p in last]),
+            "cpu_s_to_target": [flops_to_target(s["points"], target, "train_cpu_s")
+                                for s in seeds]}
     runs = summary["runs"]
     base = runs.get("v3", {}).get("flops_to_target_spread")
     for s in runs.values():
@@ -113,13 +115,13 @@ def table(results: dict[str, Any], summary: dict[str, Any]) -> str:
     lines = [f"Target: {summary['target_bits_per_byte']:.4f} bits/byte (the worst final value "
              "of the v3 / v4 runs). Mean (min-max) over seeds.", "",
              "| run | seeds | FLOPs/token | final bits/byte | FLOPs to target | gain over v3 "
-             "| train wall s | train CPU s | compile wall / CPU s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| CPU s to target | train wall s | train CPU s | compile wall / CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if name not in summary["runs"]:
             continue
         s = summary["runs"][name]
-        gain = s["gain_over_v3"]
+        gain, cpu = s["gain_over_v3"], s["cpu_s_to_target"]
         gain_text = "-" if gain is None else (
             f"{gain['mean']:+.1%}" if gain["min"] == gain["max"]
             else f"{gain['mean']:+.1%} ({gain['min']:+.1%} to {gain['max']:+.1%})")
@@ -127,6 +129,7 @@ def table(results: dict[str, Any], summary: dict[str, Any]) -> str:
             f"| {name} | {s['seeds']} | {r['flops_per_token']:.4g} | "
             f"{_fmt_spread(s['final_bits_per_byte'], '.4f')} | "
             f"{_fmt_spread(s['flops_to_target_spread'], '.3g')} | {gain_text} | "
+            f"{_fmt_spread(spread(cpu) if None not in cpu else None, '.0f')} | "
             f"{_fmt_spread(s['train_wall_s'], '.0f')} | {_fmt_spread(s['train_cpu_s'], '.0f')} | "
             f"{r['compile_s']:.0f} / {r['compile_cpu_s']:.0f} |")
     return "\n".join(lines)
