@@ -44,8 +44,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
+
+import jax
 
 from moejax.config import apply_overrides, load_config_file
 from moejax.model.build import architecture_of
@@ -85,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in rest if not a.startswith("--config.") or "=" not in a]
     if bad:
         parser.error(f"unrecognised arguments {bad}; overrides look like --config.a.b=value")
+    if not os.environ.get("JAX_PLATFORMS"):
+        # Shapes only: no accelerator is used, and with libtpu installed on a machine
+        # without TPUs, starting the TPU backend would print initialisation errors.
+        jax.config.update("jax_platforms", "cpu")
     config = load_config_file(args.config)
     try:
         apply_overrides(config, [a[len("--config."):] for a in rest])
