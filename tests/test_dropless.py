@@ -171,7 +171,7 @@ def test_moe_module_dropless_equals_dense_sharded_and_not():
                     dispatch="dense", group_size=16)
     x = jax.random.normal(jax.random.key(3), (8, 8, D))
     bias, mask = jnp.zeros(8), jnp.ones((8, 8), bool).at[1, 5:].set(False)
-    params = MoE(cfg).init(jax.random.key(4), x, bias, mask)
+    params = jax.jit(MoE(cfg).init)(jax.random.key(4), x, bias, mask)
     (_, ref), ref_g = jax.jit(_moe_loss(MoE(cfg), bias, mask))(params, x)
     dropless = MoE(dataclasses.replace(cfg, dispatch="dropless"))
     (_, out), g = jax.jit(_moe_loss(dropless, bias, mask))(params, x)
@@ -194,7 +194,8 @@ def test_v4_moe_dropless_equals_dense_with_the_clamp():
     x = jax.random.normal(jax.random.key(5), (2, 8, D))
     tokens = jnp.zeros((2, 8), jnp.int32)
     bias, mask = jnp.zeros(8), jnp.ones((2, 8), bool).at[0, 6:].set(False)
-    params = V4MoE(cfg, False, 32, 0.5).init(jax.random.key(6), x, bias, tokens, mask)
+    init = jax.jit(V4MoE(cfg, False, 32, 0.5).init)
+    params = init(jax.random.key(6), x, bias, tokens, mask)
     outs = [jax.jit(V4MoE(dataclasses.replace(cfg, dispatch=name), False, 32, 0.5).apply)(
         params, x, bias, tokens, mask)[0] for name in ("dense", "dropless")]
     assert float(jnp.abs(outs[0]).max()) > 0.01

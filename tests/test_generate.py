@@ -14,7 +14,8 @@ def test_greedy_generation_matches_full_forward_argmax():
     cfg = moejax.model_config(small_config().model)
     model = moejax.Transformer(cfg)
     prompt = np.asarray([5, 17, 3, 99, 42], np.int32)
-    variables = nn.unbox(model.init(jax.random.key(0), jnp.asarray(prompt)[None]))
+    variables = jax.jit(lambda k, t: nn.unbox(model.init(k, t)))(  # one program, not op by op
+        jax.random.key(0), jnp.asarray(prompt)[None])
     out = generate(cfg, variables, prompt, 2, 6, jax.random.key(1), temperature=0.0)
     assert out.shape == (2, 11)
     np.testing.assert_array_equal(out[:, :5], np.stack([prompt] * 2))
@@ -29,7 +30,8 @@ def test_greedy_generation_matches_full_forward_argmax():
 def test_top_p_keeps_only_the_nucleus():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 400)
-    draws = np.asarray([int(sample_logits(logits, k, 1.0, 0.7)[0]) for k in keys[:200]])
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: sample_logits(logits, k, 1.0, 0.7)[0]))(
+        keys[:200]))  # 200 independent draws
     assert set(draws) == {0, 1}  # 0.5 + 0.3 covers 0.7; 2 and 3 are cut
     greedy = sample_logits(logits, keys[0], 0.0, 1.0)
     assert int(greedy[0]) == 0

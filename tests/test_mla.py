@@ -49,14 +49,13 @@ def test_mla_cached_decoding_equals_the_full_forward(plain_query, tiny_v3):
     decoder = Transformer(moejax.model_config(cfg.model), decode=True)
     prompt = 9
     positions = jnp.broadcast_to(jnp.arange(prompt), (2, prompt))
-    (logits, _), state = decoder.apply(v, tokens[:, :prompt], positions=positions,
-                                       mutable=["cache"])
+    apply = jax.jit(lambda v, t, p: decoder.apply(v, t, positions=p, mutable=["cache"]))
+    (logits, _), state = apply(v, tokens[:, :prompt], positions)  # prefill: one program
     cache = jax.tree_util.tree_flatten_with_path(state["cache"])[0]
     assert {p[-1].key for p, _ in cache} == {"latent", "rope_key", "index"}  # latent only
     steps = [logits]
-    step = jax.jit(lambda v, t, p: decoder.apply(v, t, positions=p, mutable=["cache"]))
     for t in range(prompt, tokens.shape[1]):
-        (logits, _), state = step({**v, **state}, tokens[:, t:t + 1], jnp.full((2, 1), t))
+        (logits, _), state = apply({**v, **state}, tokens[:, t:t + 1], jnp.full((2, 1), t))
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
 
