@@ -7,10 +7,10 @@ the built-in corpus (the Python standard library's sources) through a byte-level
 MFLOPs per token for training at seq_len 256 (`python -m moejax.plan --config
 configs/tiny.py`).
 
-Measured 2026-12-06 on a shared 2-core AMD EPYC (load average ~6.5): the README's first
-command (train.py then eval.py, 300 steps, 1.2M tokens ~ 4 MB of text) used 6.1 min of
-CPU (train 337 s, eval 26 s; wall 8 min 41 s under that load) and reached 1.583 held-out
-bits/byte, below gzip -9 (1.832) and above xz -9e (1.461) on the same bytes.
+Measured 2026-12-06 on a quiet 2-core AMD EPYC (load average 0.17): the README's first
+command (train.py then eval.py, 300 steps, 1.2M tokens ~ 4 MB of text) took 3 min 28 s
+wall (359 s CPU) and reached 1.583 held-out bits/byte, below gzip -9 (1.832) and above
+xz -9e (1.461) on the same bytes.
 
     python train.py --config configs/tiny.py --workdir /tmp/tiny
 """
