@@ -66,10 +66,9 @@ class ParquetSource:
     def _footer(self, pq: Any, path: str) -> Any:
         """The file's metadata, after checking that `text_field` is a string column."""
         try:
-            with _open(path) as f:
-                schema = pq.read_schema(f)
-                f.seek(0)
+            with _open(path) as f:  # the footer only: schema and row-group sizes
                 metadata = pq.ParquetFile(f).metadata
+            schema = metadata.schema.to_arrow_schema()
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError on a bad file
             raise ValueError(f"data.path: {path} is not a Parquet file ({e}).") from e
         if self.text_field not in schema.names:
